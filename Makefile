@@ -1,0 +1,37 @@
+# Every target creates the virtual environment itself (.venv), so each works on a fresh clone.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PROTO_OUT := edge_agent/grpc
+
+.PHONY: setup demo test bench protos lint clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/python -m packager.demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python -m bench
+
+protos: setup
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
+		--grpc_python_out=$(PROTO_OUT) protos/*.proto
+	$(BIN)/python -m edge_agent.grpc.fix_imports $(PROTO_OUT)
+
+lint: setup
+	$(BIN)/ruff check packager edge_agent tests bench
+	$(BIN)/mypy packager edge_agent
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

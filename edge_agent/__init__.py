@@ -1,0 +1,1 @@
+"""The device side of edgedeploy: runtimes, the data plane, gRPC/REST servers and the fleet daemon."""

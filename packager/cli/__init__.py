@@ -1,0 +1,1 @@
+"""The ``edgedeploy`` command line: thin adapters over the Python API."""

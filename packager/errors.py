@@ -1,0 +1,91 @@
+"""The one exception hierarchy of edgedeploy.
+
+Every adapter (CLI, REST, gRPC, MQTT) maps these to its own status in exactly one place:
+the CLI to an exit code, REST to an HTTP status, gRPC to a status code. The types stay
+neutral: nothing here knows about any transport.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AccuracyError",
+    "AlreadyExistsError",
+    "AuthError",
+    "BundleError",
+    "EdgeDeployError",
+    "IntegrityError",
+    "InferenceError",
+    "InvalidInputError",
+    "ModelNotReadyError",
+    "NotFoundError",
+    "PayloadTooLargeError",
+    "SignatureError",
+    "UnsafeArchiveError",
+    "UntrustedKeyError",
+    "UsageError",
+    "ValidationError",
+]
+
+
+class EdgeDeployError(Exception):
+    """Base class: a failure the user can act on. The message says what and what to do."""
+
+
+class UsageError(EdgeDeployError):
+    """The command or call was used wrongly (bad option value, missing argument)."""
+
+
+class ValidationError(EdgeDeployError):
+    """A document (device profile, config, manifest) does not match its schema."""
+
+
+class NotFoundError(EdgeDeployError):
+    """A named thing (model, version, profile, key, service) does not exist."""
+
+
+class AlreadyExistsError(EdgeDeployError):
+    """A named thing that must be new exists already."""
+
+
+class BundleError(EdgeDeployError):
+    """A bundle is malformed or cannot be trusted; nothing from it was installed."""
+
+
+class SignatureError(BundleError):
+    """The bundle's signature is missing or does not match its manifest."""
+
+
+class UntrustedKeyError(BundleError):
+    """The bundle is signed by a key that is not in the trust store."""
+
+
+class IntegrityError(BundleError):
+    """A file in the bundle does not match the hash or size in the manifest."""
+
+
+class UnsafeArchiveError(BundleError):
+    """The archive holds an entry that could escape or abuse its target folder."""
+
+
+class AccuracyError(EdgeDeployError):
+    """Optimization or quantization lost more accuracy than allowed."""
+
+
+class InvalidInputError(EdgeDeployError):
+    """An inference request has a wrong name, shape, dtype or encoding."""
+
+
+class PayloadTooLargeError(InvalidInputError):
+    """An inference request is larger than the configured limit."""
+
+
+class ModelNotReadyError(EdgeDeployError):
+    """The model exists but is not loaded or failed to initialise."""
+
+
+class InferenceError(EdgeDeployError):
+    """The model (or its entry script) raised while answering a valid request."""
+
+
+class AuthError(EdgeDeployError):
+    """A request lacks a valid key."""

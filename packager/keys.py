@@ -1,0 +1,202 @@
+"""Ed25519 signing keys and the trust store of public keys.
+
+Layout under ``EDGEDEPLOY_HOME``::
+
+    keys/<name>.key      private signing key (PEM, PKCS#8, mode 0600)
+    trust/<key_id>.pub   trusted public keys (PEM); every generated key is trusted locally
+
+A key id is the first 16 hex digits of the sha256 of the raw 32-byte public key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from packager.atomic import atomic_write_bytes
+from packager.errors import AlreadyExistsError, NotFoundError, UsageError, ValidationError
+from packager.home import edgedeploy_home
+
+__all__ = [
+    "DEFAULT_KEY_NAME",
+    "KeyInfo",
+    "SigningKey",
+    "TrustStore",
+    "export_public_key",
+    "generate_key",
+    "key_id_of",
+    "list_keys",
+    "load_public_key",
+    "load_signing_key",
+    "trust_key",
+]
+
+DEFAULT_KEY_NAME = "default"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def key_id_of(public_key: Ed25519PublicKey) -> str:
+    """Short, stable id of a public key."""
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def _public_pem(public_key: Ed25519PublicKey) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """A private key that signs bundles."""
+
+    name: str
+    private_key: Ed25519PrivateKey
+
+    @property
+    def public_key(self) -> Ed25519PublicKey:
+        return self.private_key.public_key()
+
+    @property
+    def key_id(self) -> str:
+        return key_id_of(self.public_key)
+
+    def sign(self, data: bytes) -> bytes:
+        """Ed25519 signature of ``data`` (deterministic: same key and data, same bytes)."""
+        return self.private_key.sign(data)
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """One row of ``edgedeploy keys list``."""
+
+    kind: str  # "signing" or "trusted"
+    name: str
+    key_id: str
+    path: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"kind": self.kind, "name": self.name, "key_id": self.key_id, "path": self.path}
+
+
+def _keys_dir(home: Path | None) -> Path:
+    return (home or edgedeploy_home()) / "keys"
+
+
+def _trust_dir(home: Path | None) -> Path:
+    return (home or edgedeploy_home()) / "trust"
+
+
+def _check_name(name: str) -> None:
+    if not _NAME.match(name):
+        raise UsageError(f"invalid key name {name!r}: use letters, digits, '.', '_' or '-' (max 64)")
+
+
+def generate_key(name: str = DEFAULT_KEY_NAME, home: Path | None = None) -> SigningKey:
+    """Create a signing key named ``name`` and trust its public key on this machine."""
+    _check_name(name)
+    path = _keys_dir(home) / f"{name}.key"
+    if path.exists():
+        raise AlreadyExistsError(f"signing key {name!r} exists already ({path}); pick another --name")
+    private_key = Ed25519PrivateKey.generate()
+    pem = private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    atomic_write_bytes(path, pem, mode=0o600)
+    key = SigningKey(name, private_key)
+    atomic_write_bytes(_trust_dir(home) / f"{key.key_id}.pub", _public_pem(key.public_key))
+    return key
+
+
+def load_signing_key(name: str | None = None, home: Path | None = None) -> SigningKey:
+    """Load a signing key; refuses (never signs with nothing) when it does not exist."""
+    name = name or DEFAULT_KEY_NAME
+    _check_name(name)
+    path = _keys_dir(home) / f"{name}.key"
+    if not path.is_file():
+        raise NotFoundError(f"no signing key {name!r}: run 'edgedeploy keys generate --name {name}' first")
+    private_key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(private_key, Ed25519PrivateKey):
+        raise ValidationError(f"{path} is not an ed25519 private key")
+    return SigningKey(name, private_key)
+
+
+def load_public_key(path: Path) -> Ed25519PublicKey:
+    """Read an ed25519 public key from a PEM file, with a clear error when it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise NotFoundError(f"public key file not found: {path}")
+    try:
+        public_key = serialization.load_pem_public_key(path.read_bytes())
+    except ValueError as exc:
+        raise ValidationError(f"{path} is not a PEM public key ({exc})") from None
+    if not isinstance(public_key, Ed25519PublicKey):
+        raise ValidationError(f"{path} is not an ed25519 public key")
+    return public_key
+
+
+def export_public_key(out: Path, name: str | None = None, home: Path | None = None) -> str:
+    """Write the public half of signing key ``name`` to ``out``; returns its key id."""
+    key = load_signing_key(name, home)
+    atomic_write_bytes(Path(out), _public_pem(key.public_key))
+    return key.key_id
+
+
+def trust_key(path: Path, home: Path | None = None) -> str:
+    """Add a signer's public key to the trust store; returns its key id."""
+    public_key = load_public_key(path)
+    key_id = key_id_of(public_key)
+    atomic_write_bytes(_trust_dir(home) / f"{key_id}.pub", _public_pem(public_key))
+    return key_id
+
+
+def list_keys(home: Path | None = None) -> list[KeyInfo]:
+    """Signing keys and trusted public keys on this machine."""
+    rows = []
+    for path in sorted(_keys_dir(home).glob("*.key")):
+        key = load_signing_key(path.stem, home)
+        rows.append(KeyInfo("signing", key.name, key.key_id, str(path)))
+    for path in sorted(_trust_dir(home).glob("*.pub")):
+        rows.append(KeyInfo("trusted", path.stem, key_id_of(load_public_key(path)), str(path)))
+    return rows
+
+
+class TrustStore:
+    """The public keys a verifier accepts, by key id. Empty means nothing is trusted."""
+
+    def __init__(self, keys: Iterable[Ed25519PublicKey] = ()) -> None:
+        self._keys = {key_id_of(key): key for key in keys}
+
+    @classmethod
+    def from_files(cls, paths: Iterable[Path]) -> TrustStore:
+        """Trust exactly the keys in these PEM files (a device's ``trusted_keys``)."""
+        return cls(load_public_key(Path(p)) for p in paths)
+
+    @classmethod
+    def local(cls, home: Path | None = None) -> TrustStore:
+        """The trust store under ``EDGEDEPLOY_HOME/trust``."""
+        return cls.from_files(sorted(_trust_dir(home).glob("*.pub")))
+
+    @property
+    def key_ids(self) -> list[str]:
+        return sorted(self._keys)
+
+    def verify(self, key_id: str, signature: bytes, data: bytes) -> bool:
+        """True when ``key_id`` is trusted and ``signature`` is its signature of ``data``."""
+        key = self._keys.get(key_id)
+        if key is None:
+            return False
+        try:
+            key.verify(signature, data)
+        except InvalidSignature:
+            return False
+        return True
+
+    def __contains__(self, key_id: object) -> bool:
+        return key_id in self._keys
