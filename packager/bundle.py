@@ -29,6 +29,7 @@ from packager.atomic import fsync_dir
 from packager.errors import (
     BundleError,
     IntegrityError,
+    NotFoundError,
     SignatureError,
     UnsafeArchiveError,
     UntrustedKeyError,
@@ -336,6 +337,8 @@ def _parse_manifest(manifest_bytes: bytes) -> BundleManifest:
 
 
 def _open_tar(path: Path) -> tarfile.TarFile:
+    if not path.is_file():
+        raise NotFoundError(f"bundle not found: {path}")
     try:
         return tarfile.open(path, mode="r|gz")
     except (tarfile.TarError, OSError, EOFError) as exc:
