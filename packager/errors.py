@@ -12,6 +12,7 @@ __all__ = [
     "AlreadyExistsError",
     "AuthError",
     "BundleError",
+    "DeploymentError",
     "EdgeDeployError",
     "IntegrityError",
     "InferenceError",
@@ -65,6 +66,10 @@ class IntegrityError(BundleError):
 
 class UnsafeArchiveError(BundleError):
     """The archive holds an entry that could escape or abuse its target folder."""
+
+
+class DeploymentError(EdgeDeployError):
+    """A service could not be started, reached or changed on its deploy target."""
 
 
 class AccuracyError(EdgeDeployError):
