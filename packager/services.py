@@ -1,0 +1,173 @@
+"""Deployed services, the Python twin of ``edgedeploy deploy`` and ``edgedeploy service``::
+
+    import packager as ed
+
+    service = ed.deploy("digits", "digits.edb", port=0)     # starts and waits until ready
+    print(service.scoring_uri)
+    ed.run("digits", {"data": [[0.0] * 64]})                # POST /score, with the key if needed
+    ed.update("digits", "digits-v2.edb")                     # hot swap, no failed requests
+    ed.delete("digits")
+
+Every service keeps a record under ``EDGEDEPLOY_HOME/services/NAME``; the record names its target,
+and each call is dispatched to that target (see :mod:`packager.targets`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from packager.errors import (
+    AuthError,
+    DeploymentError,
+    EdgeDeployError,
+    InferenceError,
+    InvalidInputError,
+    ModelNotReadyError,
+    NotFoundError,
+    PayloadTooLargeError,
+)
+from packager.targets import DeploymentSpec, LocalTarget, Service, get_target
+from packager.targets.local import http_request
+
+__all__ = [
+    "Service",
+    "delete",
+    "deploy",
+    "get_keys",
+    "get_service",
+    "list_services",
+    "logs",
+    "regenerate_key",
+    "run",
+    "update",
+    "wait_for_deployment",
+]
+
+_STATUS_ERRORS: dict[int, type[EdgeDeployError]] = {
+    400: InvalidInputError,
+    401: AuthError,
+    403: AuthError,
+    404: NotFoundError,
+    413: PayloadTooLargeError,
+    500: InferenceError,
+    503: ModelNotReadyError,
+}
+
+
+def _local() -> LocalTarget:
+    return LocalTarget()
+
+
+def _target_of(name: str) -> Any:
+    """The target that runs service ``name`` (from its record); NotFoundError if none."""
+    return get_target(str(_local().record(name).get("target", "local")))
+
+
+def deploy(
+    name: str,
+    bundle: str | Path,
+    target: str = "local",
+    port: int | None = None,
+    grpc_port: int | None = None,
+    auth: bool | None = None,
+    cpu: float | None = None,
+    memory_mb: int | None = None,
+    replicas: int | None = None,
+    wait: bool = True,
+    host: str = "127.0.0.1",
+    timeout: float = 60.0,
+) -> Service:
+    """Deploy ``bundle`` as service ``name`` and (with ``wait``) return once it answers.
+
+    ``port``/``grpc_port`` None or 0 pick free ports. ``auth`` None means off for a service bound
+    to loopback and on otherwise. A bad bundle, a taken port or a process that dies while starting
+    raises, and leaves nothing running.
+    """
+    spec = DeploymentSpec(name=name, bundle=Path(bundle), port=port, grpc_port=grpc_port, auth=auth,
+                          host=host, cpu=cpu, memory_mb=memory_mb, replicas=replicas)
+    return get_target(target).deploy(spec, wait=wait, timeout=timeout)
+
+
+def wait_for_deployment(name: str, timeout: float = 60.0) -> Service:
+    """Block until service ``name`` is ready; DeploymentError if it dies or the timeout passes."""
+    target = _target_of(name)
+    return target.wait_ready(name, timeout) if hasattr(target, "wait_ready") else target.status(name)
+
+
+def get_service(name: str) -> Service:
+    """Service ``name`` with its live state; NotFoundError if there is none."""
+    return _target_of(name).status(name)
+
+
+def list_services() -> list[Service]:
+    """Every service, sorted by name, each with its live state."""
+    return [get_service(name) for name in _local().names()]
+
+
+def logs(name: str, tail: int | None = None) -> str:
+    """The log of service ``name`` (the last ``tail`` lines when given)."""
+    return str(_target_of(name).logs(name, tail))
+
+
+def get_keys(name: str) -> dict[str, str]:
+    """``{"primary_key", "secondary_key"}`` of service ``name``."""
+    return _local().keys(name)
+
+
+def regenerate_key(name: str, which: str) -> dict[str, str]:
+    """Replace the ``primary`` or ``secondary`` key; the old one is refused from then on."""
+    return _local().regenerate_key(name, which)
+
+
+def update(name: str, bundle: str | Path) -> Service:
+    """Hot-swap service ``name`` to ``bundle`` with no failed requests."""
+    return _target_of(name).update(name, Path(bundle))
+
+
+def delete(name: str) -> None:
+    """Stop service ``name`` and remove everything it left; NotFoundError if there is none."""
+    _target_of(name).delete(name)
+
+
+def run(name: str, data: Any, timeout: float = 30.0) -> Any:
+    """Score on service ``name`` through ``POST /score`` and return the decoded answer.
+
+    ``data`` is the request body: a JSON-able object (e.g. ``{"data": [[...]]}``), a JSON string,
+    or raw ``bytes`` (sent as ``application/octet-stream``, e.g. an image for an entry script).
+    Error answers raise the matching ``packager.errors`` type with the server's message.
+    """
+    service = get_service(name)
+    if not service.scoring_uri:
+        raise ModelNotReadyError(f"service {name!r} has no scoring address yet (state {service.state})")
+    body, content_type = _encode(data)
+    headers = {"Content-Type": content_type}
+    if service.auth_enabled:
+        headers["Authorization"] = f"Bearer {get_keys(name)['primary_key']}"
+    status, answer = http_request("POST", service.scoring_uri, body, headers, timeout=timeout)
+    if status != 200:
+        error = _STATUS_ERRORS.get(status, DeploymentError)
+        raise error(f"service {name!r} answered HTTP {status}: {_message(answer)}")
+    try:
+        return json.loads(answer)
+    except ValueError:
+        return answer
+
+
+def _encode(data: Any) -> tuple[bytes, str]:
+    if isinstance(data, bytes | bytearray):
+        return bytes(data), "application/octet-stream"
+    if isinstance(data, str):
+        return data.encode(), "application/json"
+    return json.dumps(data).encode(), "application/json"
+
+
+def _message(body: bytes) -> str:
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return body.decode(errors="replace").strip()[:500] or "(no message)"
+    if isinstance(document, dict) and "error" in document:
+        return str(document["error"])
+    return json.dumps(document)[:500]

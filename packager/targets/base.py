@@ -1,0 +1,133 @@
+"""The deploy-target protocol: what every place a service can run (local, Docker, Kubernetes) offers.
+
+A target takes a :class:`DeploymentSpec` and answers with :class:`Service` records. Adding a target
+is one new module with one class that has these five methods; the CLI and the Python API in
+:mod:`packager.services` never change.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from packager.errors import UsageError
+
+__all__ = ["DeployTarget", "DeploymentSpec", "Service", "ServiceState", "check_service_name"]
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+class ServiceState:
+    """Live states a service can be in (derived from the process and its readiness probe)."""
+
+    STARTING = "starting"
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"
+    STOPPED = "stopped"
+
+
+def check_service_name(name: str) -> str:
+    """Refuse a service name that is not a DNS label (it becomes a folder, a container, a pod)."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise UsageError(
+            f"invalid service name {name!r}: use 1-63 lowercase letters, digits and '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+@dataclass
+class DeploymentSpec:
+    """What the user asked for: a bundle to serve under a name, and how to expose and size it."""
+
+    name: str
+    bundle: Path
+    port: int | None = None
+    grpc_port: int | None = None
+    auth: bool | None = None
+    host: str = "127.0.0.1"
+    cpu: float | None = None
+    memory_mb: int | None = None
+    replicas: int | None = None
+
+    def validate(self) -> None:
+        """Check names and numbers before anything is started; raises UsageError."""
+        check_service_name(self.name)
+        for label, port in (("--port", self.port), ("--grpc-port", self.grpc_port)):
+            if port is not None and not 0 <= port <= 65535:
+                raise UsageError(f"{label} {port} is not a TCP port (0-65535; 0 picks a free one)")
+        if self.port and self.grpc_port and self.port == self.grpc_port:
+            raise UsageError("--port and --grpc-port must differ")
+        if self.cpu is not None and self.cpu <= 0:
+            raise UsageError(f"--cpu must be positive, not {self.cpu}")
+        if self.memory_mb is not None and self.memory_mb <= 0:
+            raise UsageError(f"--memory-mb must be positive, not {self.memory_mb}")
+        if self.replicas is not None and self.replicas < 1:
+            raise UsageError(f"--replicas must be at least 1, not {self.replicas}")
+
+
+@dataclass
+class Service:
+    """A deployed service as users see it (``service show``), with its live ``state``."""
+
+    name: str
+    state: str
+    target: str
+    scoring_uri: str | None
+    swagger_uri: str | None
+    grpc_target: str | None
+    auth_enabled: bool
+    model: str | None = None
+    version: int | None = None
+    pid: int | None = None
+    bundle_sha256: str | None = None
+    http_port: int | None = None
+    grpc_port: int | None = None
+    created: str | None = None
+    updated: str | None = None
+    resources: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``service show --json`` document."""
+        return asdict(self)
+
+    def run(self, data: Any) -> Any:
+        """Score ``data`` on this service (``POST /score``); see :func:`packager.services.run`."""
+        from packager import services
+
+        return services.run(self.name, data)
+
+    def get_keys(self) -> dict[str, str]:
+        """This service's primary and secondary keys."""
+        from packager import services
+
+        return services.get_keys(self.name)
+
+
+@runtime_checkable
+class DeployTarget(Protocol):
+    """A place services run. Each method raises ``packager.errors`` types only."""
+
+    name: str
+
+    def deploy(self, spec: DeploymentSpec, wait: bool = True, timeout: float = 60.0) -> Service:
+        """Start a new service from ``spec``; with ``wait`` return only once it is ready."""
+        ...
+
+    def status(self, name: str) -> Service:
+        """The service with its live state; NotFoundError if there is none."""
+        ...
+
+    def logs(self, name: str, tail: int | None = None) -> str:
+        """The service's log text (the last ``tail`` lines when given)."""
+        ...
+
+    def update(self, name: str, bundle: Path) -> Service:
+        """Replace the served bundle with no failed requests."""
+        ...
+
+    def delete(self, name: str) -> None:
+        """Stop the service and remove everything it left; NotFoundError if there is none."""
+        ...
