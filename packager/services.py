@@ -15,6 +15,7 @@ and each call is dispatched to that target (see :mod:`packager.targets`).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from packager.errors import (
     PayloadTooLargeError,
 )
 from packager.targets import DeploymentSpec, LocalTarget, Service, get_target
-from packager.targets.local import http_request
+from packager.targets.local import error_text, http_request
 
 __all__ = [
     "Service",
@@ -44,6 +45,8 @@ __all__ = [
     "update",
     "wait_for_deployment",
 ]
+
+log = logging.getLogger(__name__)
 
 _STATUS_ERRORS: dict[int, type[EdgeDeployError]] = {
     400: InvalidInputError,
@@ -92,8 +95,7 @@ def deploy(
 
 def wait_for_deployment(name: str, timeout: float = 60.0) -> Service:
     """Block until service ``name`` is ready; DeploymentError if it dies or the timeout passes."""
-    target = _target_of(name)
-    return target.wait_ready(name, timeout) if hasattr(target, "wait_ready") else target.status(name)
+    return _target_of(name).wait_ready(name, timeout)
 
 
 def get_service(name: str) -> Service:
@@ -102,8 +104,14 @@ def get_service(name: str) -> Service:
 
 
 def list_services() -> list[Service]:
-    """Every service, sorted by name, each with its live state."""
-    return [get_service(name) for name in _local().names()]
+    """Every service, sorted by name, each with its live state (an unreadable one is skipped)."""
+    found = []
+    for name in _local().names():
+        try:
+            found.append(get_service(name))
+        except DeploymentError as exc:
+            log.warning("skipping service %s: %s", name, exc)
+    return found
 
 
 def logs(name: str, tail: int | None = None) -> str:
@@ -148,7 +156,7 @@ def run(name: str, data: Any, timeout: float = 30.0) -> Any:
     status, answer = http_request("POST", service.scoring_uri, body, headers, timeout=timeout)
     if status != 200:
         error = _STATUS_ERRORS.get(status, DeploymentError)
-        raise error(f"service {name!r} answered HTTP {status}: {_message(answer)}")
+        raise error(f"service {name!r} answered HTTP {status}: {error_text(answer)}")
     try:
         return json.loads(answer)
     except ValueError:
@@ -162,12 +170,3 @@ def _encode(data: Any) -> tuple[bytes, str]:
         return data.encode(), "application/json"
     return json.dumps(data).encode(), "application/json"
 
-
-def _message(body: bytes) -> str:
-    try:
-        document = json.loads(body)
-    except ValueError:
-        return body.decode(errors="replace").strip()[:500] or "(no message)"
-    if isinstance(document, dict) and "error" in document:
-        return str(document["error"])
-    return json.dumps(document)[:500]

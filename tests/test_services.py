@@ -256,6 +256,19 @@ def test_update_refuses_a_tampered_bundle_and_keeps_serving(
     assert after.bundle_sha256 == before.bundle_sha256 and after.state == "healthy"
 
 
+def test_update_to_a_bundle_that_cannot_load_keeps_the_old_model(
+    home: Path, service: services.Service, bundles: dict[str, Path]
+) -> None:
+    before = services.get_service("digits-api")
+    with pytest.raises(DeploymentError, match="refused the new bundle"):
+        services.update("digits-api", bundles["broken"])
+    after = services.get_service("digits-api")
+    assert (after.version, after.bundle_sha256) == (before.version, before.bundle_sha256)
+    assert after.state == "healthy"
+    assert probabilities(services.run("digits-api", {"data": SAMPLE[:1].tolist()})).shape == (1, 10)
+    assert len(list((home / "services" / "digits-api" / "bundles").glob("*.edb"))) == 1
+
+
 def test_logs_show_the_agent_output(home: Path, service: services.Service) -> None:
     text = services.logs("digits-api")
     assert "serving on http://127.0.0.1:" in text
@@ -340,7 +353,8 @@ def test_port_in_use_is_a_clear_error(home: Path, bundles: dict[str, Path]) -> N
 def test_process_dying_during_start_reports_its_log(home: Path, bundles: dict[str, Path]) -> None:
     with pytest.raises(DeploymentError) as caught:
         services.deploy("broken", bundles["broken"], timeout=60)
-    assert "broken" in str(caught.value)
+    message = str(caught.value)
+    assert "'broken'" in message and ("exited while starting" in message or "failed to start" in message)
     assert not (home / "services" / "broken").exists()
     assert not [p for p in psutil.process_iter(["cmdline"])
                 if "--state-file" in (p.info["cmdline"] or []) and str(home) in " ".join(p.info["cmdline"])]

@@ -116,6 +116,10 @@ class DeployTarget(Protocol):
         """Start a new service from ``spec``; with ``wait`` return only once it is ready."""
         ...
 
+    def wait_ready(self, name: str, timeout: float = 60.0) -> Service:
+        """Block until the service answers its readiness probe; DeploymentError if it cannot."""
+        ...
+
     def status(self, name: str) -> Service:
         """The service with its live state; NotFoundError if there is none."""
         ...

@@ -41,7 +41,7 @@ from packager.errors import (
 from packager.home import edgedeploy_home
 from packager.targets.base import DeploymentSpec, Service, ServiceState, check_service_name
 
-__all__ = ["KEY_NAMES", "LocalTarget", "http_request", "services_root"]
+__all__ = ["KEY_NAMES", "LocalTarget", "ServiceFiles", "error_text", "http_request", "services_root"]
 
 log = logging.getLogger(__name__)
 
@@ -468,15 +468,30 @@ class LocalTarget:
         status, answer = http_request("POST", url, body, headers, timeout=_LOAD_TIMEOUT_S)
         if status != 200:
             raise DeploymentError(
-                f"service {name!r} refused the new bundle (HTTP {status}): {_error_text(answer)}"
+                f"service {name!r} refused the new bundle (HTTP {status}): {error_text(answer)}"
             )
 
     def delete(self, name: str) -> None:
         """Stop the process (SIGTERM, then SIGKILL after a grace period) and remove its folder."""
-        record = self.record(name)
+        files = self.files(name)
+        try:
+            record = self.record(name)
+        except DeploymentError:
+            # A corrupt record still names no one else's process: find ours by its state file.
+            record = {"pid": _agent_pid(files)}
         _stop_process(record.get("pid"), record.get("pid_create_time"))
-        shutil.rmtree(self.files(name).root, ignore_errors=True)
+        shutil.rmtree(files.root, ignore_errors=True)
         log.info("deleted service %s", name)
+
+
+def _agent_pid(files: ServiceFiles) -> int | None:
+    """The pid in the agent's state file, if that process is still serving this service."""
+    pid = _read_agent_state(files).get("pid")
+    try:
+        cmdline = psutil.Process(int(pid)).cmdline() if pid else []
+    except (psutil.Error, ValueError):
+        return None
+    return int(pid) if str(files.agent_state) in cmdline else None
 
 
 def _bundle_fields(manifest: BundleManifest, bundle: Path, digest: str) -> dict[str, Any]:
@@ -500,7 +515,7 @@ def _base_url(record: dict[str, Any], agent: dict[str, Any]) -> str:
     return f"http://{_client_host(record.get('host', '127.0.0.1'))}:{port}"
 
 
-def _error_text(body: bytes) -> str:
+def error_text(body: bytes) -> str:
     """The ``error`` message of a JSON error body, else the body's text."""
     try:
         document = json.loads(body)
