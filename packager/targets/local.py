@@ -151,6 +151,14 @@ def _alive(pid: int | None, create_time: float | None) -> bool:
         return False
 
 
+def _create_time(pid: int) -> float | None:
+    """When ``pid`` started (it tells our process from a later one reusing the pid), or None."""
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
 def _wait_dead(pid: int, create_time: float | None, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while _alive(pid, create_time):
@@ -318,7 +326,7 @@ class LocalTarget:
         atomic_write_json(files.keys, _new_keys(), mode=0o600)
         record.update(_bundle_fields(manifest, bundle, digest))
         pid = self._spawn(spec, files, bundle, record["model"], auth)
-        record.update(pid=pid, pid_create_time=psutil.Process(pid).create_time())
+        record.update(pid=pid, pid_create_time=_create_time(pid))
         self._save(spec.name, record)
         log.info("started service %s (pid %s) from %s", spec.name, pid, source)
 
