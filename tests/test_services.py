@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -299,11 +301,19 @@ def test_run_maps_a_bad_request_to_an_error(home: Path, service: services.Servic
         services.run("digits-api", {"data": [[1.0, 2.0]]})
 
 
-def test_delete_leaves_no_process_and_no_folder(
-    home: Path, service: services.Service
+def test_a_crashed_service_shows_stopped_and_is_still_deleted(
+    home: Path, service: services.Service, bundles: dict[str, Path]
 ) -> None:
     pid = services.get_service("digits-api").pid
     assert pid is not None and not no_process(pid)
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while not no_process(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    crashed = services.get_service("digits-api")
+    assert crashed.state == "stopped" and crashed.pid is None
+    with pytest.raises(DeploymentError, match="not running"):
+        services.update("digits-api", bundles["v2"])
     services.delete("digits-api")
     assert no_process(pid)
     assert not (home / "services" / "digits-api").exists()
@@ -313,6 +323,16 @@ def test_delete_leaves_no_process_and_no_folder(
 
 
 # --- failures that must leave nothing behind -----------------------------------------------------
+
+
+def test_deployment_options_are_checked_before_anything_starts(
+    home: Path, bundles: dict[str, Path]
+) -> None:
+    for options in ({"replicas": 0}, {"memory_mb": -1}, {"cpu": 0}, {"port": 70000},
+                    {"port": 8123, "grpc_port": 8123}):
+        with pytest.raises(UsageError):
+            services.deploy("checked", bundles["v1"], **options)
+    assert not (home / "services" / "checked").exists()
 
 
 def test_unavailable_targets_are_refused(home: Path, bundles: dict[str, Path]) -> None:
