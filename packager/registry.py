@@ -25,6 +25,7 @@ relative layout; its size is the total of its files and its sha256 is the sha256
 
 from __future__ import annotations
 
+import builtins
 import fcntl
 import hashlib
 import logging
@@ -170,6 +171,9 @@ class Registry:
         if not source.exists():
             raise NotFoundError(f"{source} does not exist; pass the path of an existing model file or folder")
         members = [(source.name, source)] if source.is_file() else _folder_members(source)
+        for _, member in members:
+            if not os.access(member, os.R_OK):
+                raise UsageError(f"cannot read {member}; check its permissions")
         with self._lock(exclusive=False):
             files = tuple(FileEntry(rel, *self.blobs.put_file(p)) for rel, p in members)
             record = ModelRecord(
@@ -186,7 +190,7 @@ class Registry:
     def list(self, name: str | None = None, tags: Mapping[str, object] | None = None) -> list[ModelRecord]:
         """Every version, optionally of one name and carrying all of ``tags`` (KEY: VALUE)."""
         wanted = _check_mapping(tags, "tag")
-        return [r for r in self.metadata.list(name)
+        return [r for r in self.metadata.records(name)
                 if all(r.tags.get(k) == v for k, v in wanted.items())]
 
     def get(self, name: str, version: int | None = None) -> ModelRecord:
@@ -210,10 +214,13 @@ class Registry:
         """
         record = self.get(name, version)
         version_dir = self._models_dir / name / str(record.version)
+        target = version_dir / record.filename
         with self._lock(exclusive=False):
+            if version_dir.is_dir() and not target.exists():
+                shutil.rmtree(version_dir, ignore_errors=True)  # someone removed files: rebuild it
             if not version_dir.is_dir():
                 self._materialize(record, version_dir)
-        return version_dir / record.filename
+        return target
 
     def _materialize(self, record: ModelRecord, version_dir: Path) -> None:
         version_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -240,7 +247,7 @@ class Registry:
                 copy_verified(self.blobs.local_path(entry.sha256), dest, entry.sha256)
         return target
 
-    def delete(self, name: str, version: int | None = None, all_versions: bool = False) -> list[int]:
+    def delete(self, name: str, version: int | None = None, all_versions: bool = False) -> builtins.list[int]:
         """Delete one version, or every version with ``all_versions``; returns the deleted numbers.
 
         Blobs no remaining version references are removed. The name's version counter is kept.
@@ -249,7 +256,7 @@ class Registry:
         if not all_versions and version is None:
             raise UsageError(f"say which version of {name!r} to delete (NAME:VERSION) or pass --all-versions")
         with self._lock(exclusive=True):
-            records = self.metadata.list(name) if all_versions else [self.get(name, version)]
+            records = self.metadata.records(name) if all_versions else [self.get(name, version)]
             if not records:
                 self.get(name)  # raises the not-found error
             versions = [r.version for r in records]
@@ -258,7 +265,7 @@ class Registry:
         logger.info("deleted %s versions %s", name, versions)
         return versions
 
-    def _collect_garbage(self, name: str, records: list[ModelRecord]) -> None:
+    def _collect_garbage(self, name: str, records: builtins.list[ModelRecord]) -> None:
         # Called under the exclusive lock: no registration or materialization is in progress.
         referenced = self.metadata.referenced_blobs()
         for digest in {f.sha256 for r in records for f in r.files} - referenced:

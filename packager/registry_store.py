@@ -147,7 +147,7 @@ class MetadataStore(Protocol):
         """The existing versions of a name, ascending."""
         ...
 
-    def list(self, name: str | None = None) -> list[ModelRecord]:
+    def records(self, name: str | None = None) -> list[ModelRecord]:
         """All versions (of one name), ordered by name and version."""
         ...
 
@@ -357,7 +357,7 @@ class SqliteMetadataStore:
             rows = conn.execute("SELECT version FROM model_versions WHERE name = ? ORDER BY version", (name,))
             return [r[0] for r in rows]
 
-    def list(self, name: str | None = None) -> list[ModelRecord]:
+    def records(self, name: str | None = None) -> list[ModelRecord]:
         """Every version, or every version of one name."""
         with self._connect() as conn:
             if name is None:

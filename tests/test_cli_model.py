@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -98,3 +99,27 @@ def test_bad_input_is_one_error_line(args: tuple[str, ...], expected_code: int, 
     assert message in lines[0]
     assert "Traceback" not in result.stderr and result.stdout == ""
     assert [r.ref for r in Registry().list()] == ["m:1"]  # nothing changed
+
+
+def _delete_on_terminal(ref: str, answer: str) -> subprocess.CompletedProcess[str]:
+    """Run ``model delete`` with a pseudo-terminal on stdin, answering the question."""
+    import pty
+
+    primary, secondary = pty.openpty()
+    try:
+        os.write(primary, answer.encode())
+        return subprocess.run([str(EDGEDEPLOY), "model", "delete", ref], stdin=secondary,
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        os.close(primary)
+        os.close(secondary)
+
+
+def test_delete_asks_on_a_terminal(digits_mlp: Path) -> None:
+    Registry().register("m", digits_mlp)
+    declined = _delete_on_terminal("m:1", "n\n")
+    assert declined.returncode == 1 and "delete m:1?" in declined.stdout
+    assert [r.ref for r in Registry().list()] == ["m:1"]
+    accepted = _delete_on_terminal("m:1", "y\n")
+    assert accepted.returncode == 0 and "deleted m:1" in accepted.stdout
+    assert Registry().list() == []

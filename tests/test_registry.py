@@ -59,6 +59,8 @@ def test_file_model_round_trip(digits_mlp: Path, tmp_path: Path) -> None:
     path = registry.get_model_path("digits")
     assert path.is_file() and path.name == "digits_mlp.onnx"
     assert path.read_bytes() == digits_mlp.read_bytes()
+    path.unlink()  # a user removed the materialized copy: the next call brings it back
+    assert registry.get_model_path("digits", 1).read_bytes() == digits_mlp.read_bytes()
 
     out = registry.download("digits", 1, tmp_path / "out")
     assert out == tmp_path / "out" / "digits_mlp.onnx"
