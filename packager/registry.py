@@ -14,7 +14,7 @@ Guarantees:
   happen in one ``BEGIN IMMEDIATE`` transaction);
 * a registration killed half-way leaves no visible version: blobs are made durable first, then
   the version row and its file rows are committed in one transaction. Leftover temporary files
-  and unreferenced blobs are harmless and are cleaned by the next delete;
+  and unreferenced blobs are harmless and are removed by the next delete;
 * deletes take an exclusive lock on ``registry.lock`` while readers and writers take a shared
   one, so a blob is never removed while a registration or a materialization still needs it.
 
@@ -267,8 +267,10 @@ class Registry:
 
     def _collect_garbage(self, name: str, records: builtins.list[ModelRecord]) -> None:
         # Called under the exclusive lock: no registration or materialization is in progress.
+        # Every unreferenced blob goes, including complete blobs of a registration killed before
+        # its commit.
         referenced = self.metadata.referenced_blobs()
-        for digest in {f.sha256 for r in records for f in r.files} - referenced:
+        for digest in set(self.blobs.digests()) - referenced:
             self.blobs.delete(digest)
         self.blobs.clean_temporary()
         name_dir = self._models_dir / name

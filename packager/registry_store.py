@@ -127,6 +127,10 @@ class BlobStore(Protocol):
         """Remove a blob (no error if it is gone)."""
         ...
 
+    def digests(self) -> Iterator[str]:
+        """Every stored blob's digest."""
+        ...
+
     def clean_temporary(self) -> None:
         """Remove leftovers of interrupted writes; only called when no write is in progress."""
         ...
@@ -198,7 +202,7 @@ class FileBlobStore:
 
     def _install(self, tmp: Path, digest: str) -> None:
         final = self._path(digest)
-        if final.exists():
+        if final.is_file() and final.stat().st_size == tmp.stat().st_size:
             return  # same content already stored durably; the temp file is dropped
         shard_is_new = not final.parent.exists()
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -224,6 +228,13 @@ class FileBlobStore:
     def delete(self, digest: str) -> None:
         """Unlink the blob file."""
         self._path(digest).unlink(missing_ok=True)
+
+    def digests(self) -> Iterator[str]:
+        """Digests of the blob files on disk."""
+        shards = self.root / "sha256"
+        if shards.is_dir():
+            for blob in shards.glob("??/*"):
+                yield blob.name
 
     def clean_temporary(self) -> None:
         """Remove every partial write left by a killed process."""

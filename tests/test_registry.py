@@ -191,7 +191,7 @@ def test_eight_concurrent_processes_get_versions_one_to_eight(digits_mlp: Path) 
     assert sorted(r.tags["proc"] for r in records) == [str(i) for i in range(8)]
 
 
-def test_killed_registration_leaves_no_partial_version(tmp_path: Path) -> None:
+def test_killed_registration_leaves_no_partial_version(tmp_path: Path, edgedeploy_home: Path) -> None:
     big = tmp_path / "big.onnx"
     big.write_bytes(os.urandom(50 * 1024 * 1024))
     digest = _sha256(big)
@@ -218,4 +218,19 @@ def test_killed_registration_leaves_no_partial_version(tmp_path: Path) -> None:
     assert record.version == len(visible) + 1
     assert _sha256(registry.get_model_path("big")) == digest
     registry.delete("big", all_versions=True)  # and a delete cleans them up
-    assert not list((tmp_path / "edgedeploy-home" / "registry" / "blobs" / "tmp").iterdir())
+    assert not list((edgedeploy_home / "registry" / "blobs" / "tmp").iterdir())
+    assert _blob_files(edgedeploy_home) == []
+
+
+def test_delete_also_removes_blobs_left_by_a_killed_registration(digits_mlp: Path, tmp_path: Path,
+                                                                 edgedeploy_home: Path) -> None:
+    registry = Registry()
+    registry.register("m", digits_mlp)
+    registry.register("m", digits_mlp)
+    orphan = tmp_path / "orphan.onnx"
+    orphan.write_bytes(os.urandom(1000))
+    registry.blobs.put_file(orphan)  # what a run killed between storing blobs and committing leaves
+    assert len(_blob_files(edgedeploy_home)) == 2
+    registry.delete("m", 1)
+    assert [p.name for p in _blob_files(edgedeploy_home)] == [_sha256(digits_mlp)]
+    assert registry.get_model_path("m").read_bytes() == digits_mlp.read_bytes()
