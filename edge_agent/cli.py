@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -215,7 +216,7 @@ def _run_serve(args: argparse.Namespace, print_config: bool) -> int:
 
 
 def _run_daemon(args: argparse.Namespace) -> int:
-    from edge_agent import config as agent_config
+    agent_config = importlib.import_module("edge_agent.config")
 
     if args.check or args.print_config:
         loaded = agent_config.load_agent_config(args.config)
@@ -224,9 +225,7 @@ def _run_daemon(args: argparse.Namespace) -> int:
         else:
             print(f"ok: {args.config} is a valid agent configuration")
         return 0
-    from edge_agent import daemon
-
-    result = daemon.run(args.config)
+    result = importlib.import_module("edge_agent.daemon").run(args.config)
     if asyncio.iscoroutine(result):
         result = asyncio.run(result)
     return int(result or 0)

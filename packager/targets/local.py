@@ -495,11 +495,13 @@ class LocalTarget:
 def _agent_pid(files: ServiceFiles) -> int | None:
     """The pid in the agent's state file, if that process is still serving this service."""
     pid = _read_agent_state(files).get("pid")
-    try:
-        cmdline = psutil.Process(int(pid)).cmdline() if pid else []
-    except (psutil.Error, ValueError):
+    if not isinstance(pid, int):
         return None
-    return int(pid) if str(files.agent_state) in cmdline else None
+    try:
+        cmdline = psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return None
+    return pid if str(files.agent_state) in cmdline else None
 
 
 def _bundle_fields(manifest: BundleManifest, bundle: Path, digest: str) -> dict[str, Any]:
