@@ -459,6 +459,9 @@ def open_bundle(
     existed = dest.exists()
     if existed and any(dest.iterdir()):
         raise BundleError(f"target folder {dest} is not empty")
+    created = dest  # the top-most folder this call creates: removed again on failure
+    while not created.parent.exists():
+        created = created.parent
     dest.mkdir(parents=True, exist_ok=True)
     root = dest.resolve()
 
@@ -478,7 +481,7 @@ def open_bundle(
             assert first is not None
             (root / MANIFEST_NAME).write_bytes(_read_small(tar, first, MANIFEST_NAME))
     except BaseException:
-        _remove_contents(dest, keep_root=existed)
+        _remove_contents(dest if existed else created, keep_root=existed)
         raise
     return manifest
 
