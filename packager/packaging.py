@@ -73,6 +73,8 @@ def resolve_model(model: str | Path, name: str | None = None) -> ResolvedModel:
         info = {"name": name or candidate.stem, "version": None, "sha256": _tree_sha256(candidate),
                 "framework": framework, "description": ""}
         return ResolvedModel(candidate, info)
+    if "/" in str(model) or candidate.suffix in (".onnx", ".pkl", ".joblib", ".pt"):
+        raise NotFoundError(f"{model!r} is neither a file nor a registered model (no such file)")
     from packager.registry import Registry, parse_model_ref
 
     ref_name, version = parse_model_ref(str(model))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +69,12 @@ def quantize_model(
     if mode == "fp16":
         from onnxconverter_common import float16
 
-        model = float16.convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
+        with warnings.catch_warnings(record=True) as caught:
+            # the converter warns once per weight it clamps into fp16's range; say it once
+            warnings.simplefilter("always")
+            model = float16.convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
+        if caught:
+            log.info("fp16: %d weights were clamped into the fp16 range", len(caught))
         onnx.save(model, str(target))
         return target
     if mode == "static-int8" and not calibration:
