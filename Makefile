@@ -22,6 +22,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
+	$(BIN)/pip install -q --no-deps rapidocr_onnxruntime==1.4.4  # ships a 10.9 MB conv ONNX model
 	$(BIN)/python -m bench
 
 protos: setup

@@ -42,10 +42,20 @@ def _preprocess(source: Path, target: Path) -> Path:
     return target
 
 
+def _opset(path: Path) -> int:
+    model = onnx.load(str(path), load_external_data=False)
+    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
 def _static(source: Path, target: Path, calibration: dict[str, np.ndarray]) -> None:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
     CalibrationDataReader.register(_ArrayReader)
+    if _opset(source) < 13:
+        # per-channel QDQ needs DequantizeLinear's axis attribute, added in opset 13
+        quantize_static(str(source), str(target), _ArrayReader(calibration), quant_format=QuantFormat.QDQ,
+                        per_channel=False)
+        return
     try:
         quantize_static(str(source), str(target), _ArrayReader(calibration), quant_format=QuantFormat.QDQ,
                         per_channel=True)
