@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from packager.keys import generate_key
+from packager.packaging import package
 from tests.test_services import (
     SAMPLE,
     force_kill,
@@ -55,10 +56,12 @@ def assert_one_error_line(result: subprocess.CompletedProcess[str], code: int = 
 
 @pytest.fixture
 def bundles(edgedeploy_home: Path, digits_mlp: Path, tmp_path: Path) -> dict[str, Path]:
+    """v1 made by the packager itself (``edgedeploy package``'s twin), v2 a re-trained stand-in."""
     key = generate_key()
     model_v2 = sharper_model(digits_mlp, tmp_path / "v2.onnx")
+    v1 = package(digits_mlp, "cpu-x86_64", tmp_path / "digits-v1.edb", name="digits").bundle_path
     return {
-        "v1": make_bundle(tmp_path / "digits-v1.edb", digits_mlp, key, version=1),
+        "v1": v1,
         "v2": make_bundle(tmp_path / "digits-v2.edb", model_v2, key, version=2),
         "model_v1": digits_mlp,
         "model_v2": model_v2,
