@@ -1,0 +1,173 @@
+"""The data plane: the one in-process inference path that the gRPC and REST adapters both call.
+
+Nothing here knows about a transport. Errors are ``packager.errors`` types; each adapter maps them
+to its own status in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from edge_agent.inference import InferRequest, InferResponse, ModelState
+from edge_agent.metrics import MetricsRegistry
+from edge_agent.repository import ModelEntry, ModelRepository
+from edge_agent.runtime.base import validate_inputs
+from packager.errors import InvalidInputError, NotFoundError, UsageError
+
+__all__ = ["SERVER_NAME", "DataPlane"]
+
+SERVER_NAME = "edgedeploy"
+_EXTENSIONS = ["model_repository", "statistics", "binary_tensor_data", "edgedeploy_score"]
+T = TypeVar("T")
+
+
+def _server_version() -> str:
+    from packager import __version__
+
+    return __version__
+
+
+class DataPlane:
+    """Health, metadata, inference and repository calls over a :class:`ModelRepository`."""
+
+    def __init__(self, repository: ModelRepository, metrics: MetricsRegistry | None = None) -> None:
+        self.repository = repository
+        self.metrics = metrics or repository.metrics or MetricsRegistry()
+        repository.metrics = self.metrics
+
+    # --- health and metadata -----------------------------------------------------------------
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        """Ready when at least one model is loaded and every loaded model is ready."""
+        index = self.repository.index()
+        return bool(index) and all(entry["state"] == ModelState.READY.value for entry in index)
+
+    def _entry(self, name: str, version: str | None) -> ModelEntry:
+        entry = self.repository.get(name)
+        if version not in (None, "", entry.version):
+            raise NotFoundError(f"model {name!r} has no version {version!r} loaded (it serves {entry.version!r})")
+        return entry
+
+    def model_ready(self, name: str, version: str | None = None) -> bool:
+        return self._entry(name, version).state == ModelState.READY
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": SERVER_NAME, "version": _server_version(), "extensions": list(_EXTENSIONS)}
+
+    def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """v2 model metadata, plus the model's state and, when it is not ready, the reason."""
+        entry = self._entry(name, version)
+        document: dict[str, Any] = {"name": name, "versions": [entry.version] if entry.version else [],
+                                    "platform": "", "inputs": [], "outputs": [], "state": entry.state.value}
+        if entry.reason:
+            document["reason"] = entry.reason
+        if entry.model is not None:
+            info = entry.model.info
+            document.update(platform=info.platform, inputs=[t.to_dict() for t in info.inputs],
+                            outputs=[t.to_dict() for t in info.outputs])
+            document["parameters"] = {k: v for k, v in info.details.items() if isinstance(v, str | int | list)}
+        return document
+
+    def model_samples(self, name: str) -> tuple[Any, Any]:
+        """The bundle's input and output samples (JSON documents), or None each."""
+        entry = self.repository.get(name)
+        samples = entry.model.info.manifest.samples if entry.model is not None else None
+        if not samples or entry.bundle_dir is None:
+            return None, None
+        return tuple(  # type: ignore[return-value]
+            json.loads((entry.bundle_dir / path).read_text()) if path else None
+            for path in (samples.get("input"), samples.get("output"))
+        )
+
+    def model_schema(self, name: str) -> dict[str, Any] | None:
+        """inference-schema's input/output schema of an entry script, if it declares one."""
+        entry = self.repository.get(name)
+        return entry.model.schema() if entry.model is not None else None
+
+    def default_model(self) -> str:
+        """The model ``POST /score`` answers for: the only loaded one."""
+        names = self.repository.names()
+        if len(names) != 1:
+            raise UsageError(f"/score needs exactly one loaded model (loaded: {names}); use /v2/models/NAME/score")
+        return names[0]
+
+    # --- inference ---------------------------------------------------------------------------
+
+    async def _timed(self, name: str, call: Callable[[], Awaitable[T]]) -> T:
+        start = time.perf_counter()
+        ok = False
+        try:
+            result = await call()
+            ok = True
+            return result
+        finally:
+            if name in self.repository.names():
+                self.metrics.observe(name, (time.perf_counter() - start) * 1000.0, ok)
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        """Validate, batch (when the model allows it) and run one request."""
+        async def run() -> InferResponse:
+            async with self.repository.use(request.model_name) as entry:
+                if request.model_version not in (None, "", entry.version):
+                    raise NotFoundError(f"model {request.model_name!r} has no version {request.model_version!r}")
+                specs = entry.info.inputs
+                inputs = validate_inputs(specs, request.inputs) if specs else request.inputs
+                model = entry.model
+                assert model is not None
+                if entry.batcher is not None:
+                    outputs = await entry.batcher.submit(inputs)
+                else:
+                    outputs = await asyncio.to_thread(model.infer, inputs)
+                return InferResponse(request.model_name, entry.version, _select(outputs, request.outputs), request.id)
+
+        return await self._timed(request.model_name, run)
+
+    async def score(self, name: str, body: Any, content_type: str = "application/json") -> Any:
+        """The Azure ML-style ``/score`` call: a JSON body (or raw bytes) in, a JSON document out."""
+        async def run() -> Any:
+            async with self.repository.use(name) as entry:
+                model = entry.model
+                assert model is not None
+                return await asyncio.to_thread(model.score, body, content_type)
+
+        return await self._timed(name, run)
+
+    # --- repository --------------------------------------------------------------------------
+
+    def repository_index(self) -> list[dict[str, Any]]:
+        return self.repository.index()
+
+    async def load(self, name: str, bundle_path: str | Path | None = None) -> None:
+        """Load or replace ``name`` from a bundle file (v2 repository extension, ``bundle`` parameter)."""
+        if bundle_path is None:
+            if name in self.repository.names():
+                return
+            raise InvalidInputError(f"model {name!r} is not loaded; pass the 'bundle' parameter with a bundle path")
+        path = Path(str(bundle_path))
+        if not path.is_file():
+            raise InvalidInputError(f"bundle not found: {path}")
+        try:
+            await self.repository.load_bundle(path, name)
+        except NotFoundError as exc:
+            raise InvalidInputError(str(exc)) from None
+
+    async def unload(self, name: str) -> None:
+        await self.repository.unload(name)
+
+
+def _select(outputs: dict[str, Any], wanted: list[str] | None) -> dict[str, Any]:
+    if not wanted:
+        return outputs
+    unknown = sorted(set(wanted) - set(outputs))
+    if unknown:
+        raise InvalidInputError(f"unknown output(s) {unknown}; the model has {sorted(outputs)}")
+    return {name: outputs[name] for name in wanted}
+

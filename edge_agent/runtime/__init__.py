@@ -1,0 +1,22 @@
+"""Runtime backends (onnxruntime, entry scripts) behind one small interface.
+
+Entry scripts find their model folder with :func:`get_model_dir` or the ``AZUREML_MODEL_DIR`` /
+``EDGEDEPLOY_MODEL_DIR`` environment variables.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from edge_agent.runtime.base import BACKENDS, LoadedModel, ModelInfo, load_model
+
+__all__ = ["BACKENDS", "LoadedModel", "ModelInfo", "get_model_dir", "load_model"]
+
+
+def get_model_dir() -> Path:
+    """The folder holding the current entry script's model files (set while its model loads)."""
+    value = os.environ.get("EDGEDEPLOY_MODEL_DIR") or os.environ.get("AZUREML_MODEL_DIR")
+    if not value:
+        raise RuntimeError("no model is being served: EDGEDEPLOY_MODEL_DIR is not set")
+    return Path(value)

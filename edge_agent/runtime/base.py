@@ -1,0 +1,119 @@
+"""The runtime interface every backend implements, and the backend registry.
+
+A backend turns an unpacked, verified bundle into a :class:`LoadedModel`. Servers never know
+which backend runs: they go through the data plane, which calls ``infer`` or ``score``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from packager.bundle import BundleManifest
+from packager.errors import BundleError
+from packager.tensors import TensorSpec
+
+__all__ = ["BACKENDS", "LoadedModel", "ModelInfo", "load_model", "validate_inputs"]
+
+# backend name (manifest.runtime["backend"]) -> module defining load(bundle_dir, manifest, info)
+BACKENDS = {
+    "onnxruntime": "edge_agent.runtime.onnx",
+    "entry-script": "edge_agent.runtime.entry_script",
+}
+
+
+@dataclass
+class ModelInfo:
+    """What the servers report about a model, whatever the backend."""
+
+    name: str
+    version: str
+    platform: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    bundle_dir: Path
+    manifest: BundleManifest
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class LoadedModel(Protocol):
+    """A model ready to answer. ``infer`` takes and returns named arrays; ``score`` serves ``/score``."""
+
+    info: ModelInfo
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def score(self, body: Any, content_type: str) -> Any: ...
+
+    def schema(self) -> dict[str, Any] | None: ...
+
+    def unload(self) -> None: ...
+
+
+def load_model(bundle_dir: Path, manifest: BundleManifest, name: str | None = None) -> LoadedModel:
+    """Load ``bundle_dir`` with the backend its manifest names."""
+    backend = str(manifest.runtime.get("backend"))
+    module_name = BACKENDS.get(backend)
+    if module_name is None:
+        raise BundleError(f"this agent cannot run backend {backend!r} (it runs: {', '.join(sorted(BACKENDS))})")
+    version = str(manifest.version) if manifest.version is not None else manifest.model.get("sha256", "")[:12]
+    info = ModelInfo(name or manifest.name, version or "1", backend, list(manifest.inputs), list(manifest.outputs),
+                     Path(bundle_dir), manifest)
+    model: LoadedModel = importlib.import_module(module_name).load(Path(bundle_dir), manifest, info)
+    return model
+
+
+def validate_inputs(specs: list[TensorSpec], given: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Named arrays checked against the model's inputs: names, rank, fixed dims and dtype.
+
+    Values convert when no information is lost (JSON integers into FP32, say); anything else is
+    an InvalidInputError naming the input.
+    """
+    from packager.errors import InvalidInputError
+    from packager.tensors import v2_to_numpy
+
+    expected = {spec.name: spec for spec in specs}
+    unknown = sorted(set(given) - set(expected))
+    missing = sorted(set(expected) - set(given))
+    if unknown or missing:
+        raise InvalidInputError(
+            f"inputs do not match the model: expected {sorted(expected)}"
+            + (f", unknown {unknown}" if unknown else "") + (f", missing {missing}" if missing else "")
+        )
+    result = {}
+    for name, spec in expected.items():
+        dtype = v2_to_numpy(spec.datatype)
+        try:
+            raw = given[name] if isinstance(given[name], np.ndarray) else np.asarray(given[name])
+        except (ValueError, TypeError) as exc:
+            raise InvalidInputError(f"input {name!r} is not a rectangular array: {exc}") from None
+        result[name] = _convert(name, raw, dtype)
+        _check_shape(name, result[name].shape, spec.shape)
+    return result
+
+
+def _convert(name: str, raw: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    from packager.errors import InvalidInputError
+
+    if raw.dtype == dtype:
+        return raw
+    if dtype == np.object_:
+        return raw.astype(np.object_)
+    safe = np.can_cast(raw.dtype, dtype, casting="same_kind") or (raw.dtype.kind in "iub" and dtype.kind == "f")
+    if raw.dtype.kind in "OSU" or not safe:
+        raise InvalidInputError(f"input {name!r} has dtype {raw.dtype}, which does not convert to {dtype} safely")
+    return raw.astype(dtype)
+
+
+def _check_shape(name: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
+    from packager.errors import InvalidInputError
+
+    if not expected:
+        return
+    if len(shape) != len(expected) or any(e > 0 and s != e for s, e in zip(shape, expected, strict=True)):
+        raise InvalidInputError(f"input {name!r} has shape {list(shape)}, the model expects {list(expected)} "
+                                "(-1 is any size)")

@@ -1,0 +1,90 @@
+"""The onnxruntime backend: execution providers from the bundle, in order, falling back when missing."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from edge_agent.runtime.base import ModelInfo, validate_inputs
+from packager.bundle import BundleManifest
+from packager.errors import BundleError, InvalidInputError
+
+__all__ = ["OnnxModel", "choose_providers", "load", "parse_score_body"]
+
+log = logging.getLogger(__name__)
+
+
+def choose_providers(wanted: list[str], available: list[str] | None = None) -> list[str]:
+    """The wanted providers this machine has, in order; a missing one is skipped with a warning."""
+    available = available if available is not None else ort.get_available_providers()
+    chosen = []
+    for provider in wanted:
+        if provider in available:
+            chosen.append(provider)
+        else:
+            log.warning("execution provider %s is not available here; falling back to the next one", provider)
+    return chosen or ["CPUExecutionProvider"]
+
+
+def parse_score_body(body: Any, input_names: list[str]) -> dict[str, Any]:
+    """``{"data": x}`` (single input), ``{"data": {name: x}}`` or ``{"inputs": {name: x}}`` → named values."""
+    if isinstance(body, bytes | str):
+        try:
+            body = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise InvalidInputError("the /score body must be JSON such as {\"data\": [[...]]}") from None
+    if not isinstance(body, dict) or not ({"data", "inputs"} & set(body)):
+        raise InvalidInputError("the /score body must be a JSON object with a 'data' (or 'inputs') field")
+    value = body.get("inputs", body.get("data"))
+    if isinstance(value, dict):
+        return value
+    if len(input_names) != 1:
+        raise InvalidInputError(f"this model has several inputs {input_names}: send {{\"data\": {{name: value}}}}")
+    return {input_names[0]: value}
+
+
+class OnnxModel:
+    """One onnxruntime session; ``infer`` is safe to call from several threads."""
+
+    def __init__(self, path: Path, info: ModelInfo, providers: list[str]) -> None:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        threads = int(os.environ.get("EDGEDEPLOY_INTRA_OP_THREADS", "0"))
+        options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:  # onnxruntime's own error types are not exported
+            raise BundleError(f"onnxruntime cannot load {path.name}: {exc}") from None
+        self.info = info
+        self.info.details["execution_providers"] = self.session.get_providers()
+        self._output_names = [o.name for o in self.session.get_outputs()]
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = self.session.run(self._output_names, inputs)
+        return dict(zip(self._output_names, values, strict=True))
+
+    def score(self, body: Any, content_type: str) -> Any:
+        named = parse_score_body(body, [spec.name for spec in self.info.inputs])
+        outputs = self.infer(validate_inputs(self.info.inputs, named))
+        return {name: value.tolist() for name, value in outputs.items()}
+
+    def schema(self) -> dict[str, Any] | None:
+        return None
+
+    def unload(self) -> None:
+        del self.session
+
+
+def load(bundle_dir: Path, manifest: BundleManifest, info: ModelInfo) -> OnnxModel:
+    """Load the bundle's ONNX model with its execution providers (see :func:`choose_providers`)."""
+    model_path = bundle_dir / str(manifest.runtime.get("model_path", "model/model.onnx"))
+    if not model_path.is_file():
+        raise BundleError(f"the bundle has no model file at {model_path.relative_to(bundle_dir)}")
+    providers = choose_providers(list(manifest.runtime.get("execution_providers") or ["CPUExecutionProvider"]))
+    return OnnxModel(model_path, info, providers)
