@@ -1,9 +1,103 @@
-"""``edgedeploy fleet``: not built yet (placeholder while the work is in progress)."""
+"""``edgedeploy fleet``: devices, rollouts in waves, status and abort, over MQTT."""
 
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from packager.cli.output import print_json, print_table, progress
+from packager.fleet import DEFAULT_BROKER, FleetController
+
+__all__ = ["register"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    del subparsers
+    """Add ``fleet devices|rollout|status|abort`` to the CLI."""
+    parser = subparsers.add_parser("fleet", help="devices and rollouts over MQTT")
+    parser.add_argument("--broker", default=None,
+                        help=f"broker URL (default $EDGEDEPLOY_BROKER, else {DEFAULT_BROKER})")
+    sub = parser.add_subparsers(dest="fleet_command", metavar="ACTION", required=True)
+
+    devices = sub.add_parser("devices", help="devices and what they run")
+    devices.add_argument("--json", action="store_true")
+    devices.set_defaults(func=_devices)
+
+    rollout = sub.add_parser("rollout", help="roll a bundle out to devices in waves")
+    rollout.add_argument("bundle", type=Path)
+    rollout.add_argument("--to", required=True, dest="selector",
+                         help="all, device:ID[,ID...], group:NAME or tag:KEY=VALUE")
+    rollout.add_argument("--server", default=os.environ.get("EDGEDEPLOY_BUNDLE_SERVER", "http://127.0.0.1:8080"),
+                         help="bundle server URL devices download from (edgedeploy serve)")
+    rollout.add_argument("--canary", type=int, default=1, help="devices in the first wave (default 1)")
+    rollout.add_argument("--wave", default="25%", help="wave size: N devices or P%% (default 25%%)")
+    rollout.add_argument("--max-failures", default="10%", help="failure rate that halts and rolls back")
+    rollout.add_argument("--wave-timeout", type=float, default=300.0, help="seconds a device may take")
+    rollout.add_argument("--wait", action="store_true", help="block until the rollout ends")
+    rollout.add_argument("--json", action="store_true")
+    rollout.set_defaults(func=_rollout)
+
+    status = sub.add_parser("status", help="a rollout's progress (no id: every rollout)")
+    status.add_argument("rollout_id", nargs="?")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=_status)
+
+    abort = sub.add_parser("abort", help="stop a rollout and roll the updated devices back")
+    abort.add_argument("rollout_id")
+    abort.set_defaults(func=_abort)
+
+
+def _controller(args: argparse.Namespace) -> FleetController:
+    return FleetController(args.broker or os.environ.get("EDGEDEPLOY_BROKER") or DEFAULT_BROKER)
+
+
+def _devices(args: argparse.Namespace) -> int:
+    with _controller(args) as ctl:
+        rows = ctl.devices()
+    if args.json:
+        print_json([{k: r[k] for k in ("device_id", "online", "model", "model_version", "bundle_sha256",
+                                       "state", "last_seen", "groups", "tags")} for r in rows])
+    else:
+        print_table(rows, ["device_id", "online", "state", "model", "model_version", "bundle_sha256"])
+    return 0
+
+
+def _print_status(doc: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print_json(doc)
+        return
+    print(f"rollout {doc['rollout_id']}: {doc['state']}  succeeded {doc['succeeded']}  failed {doc['failed']}"
+          f"  pending {doc['pending']}" + (f"  ({doc['reason']})" if doc.get("reason") else ""))
+    print_table(doc["waves"], ["index", "succeeded", "failed", "pending", "rolled_back"])
+
+
+def _rollout(args: argparse.Namespace) -> int:
+    with _controller(args) as ctl, progress("rolling out" if args.wait else "starting the rollout"):
+        rollout_id = ctl.rollout(args.bundle, args.selector, args.server, canary=args.canary, wave=args.wave,
+                                 max_failures=args.max_failures, wait=args.wait,
+                                 wave_timeout=args.wave_timeout)
+        doc = ctl.status(rollout_id, advance=False)
+    _print_status(doc, args.json)
+    return 1 if args.wait and doc["state"] != "succeeded" else 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    with _controller(args) as ctl:
+        if args.rollout_id is None:
+            rows = ctl.list_rollouts()
+            if args.json:
+                print_json(rows)
+            else:
+                print_table(rows, ["rollout_id", "state", "succeeded", "failed", "pending", "selector"])
+            return 0
+        doc = ctl.status(args.rollout_id)
+    _print_status(doc, args.json)
+    return 0
+
+
+def _abort(args: argparse.Namespace) -> int:
+    with _controller(args) as ctl:
+        doc = ctl.abort(args.rollout_id)
+    print(f"rollout {doc['rollout_id']}: rolled back {doc['rolled_back']} device(s)")
+    return 0

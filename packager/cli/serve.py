@@ -1,9 +1,29 @@
-"""``edgedeploy serve``: not built yet (placeholder while the work is in progress)."""
+"""``edgedeploy serve``: the HTTP bundle server devices download from."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+
+from packager.bundle_server import BundleServer, bundles_dir
+
+__all__ = ["register"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    del subparsers
+    """Add ``serve`` to the CLI."""
+    parser = subparsers.add_parser("serve", help="serve bundles to devices over HTTP (range requests)")
+    parser.add_argument("--port", type=int, default=8080, help="port to listen on (0 = a free port)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    server = BundleServer(args.host, args.port)
+    # One line on stdout so scripts (and the e2e fixture) learn the port that was bound.
+    print(f"serving {bundles_dir()} at {server.url}/bundles/", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+    return 0

@@ -1,0 +1,191 @@
+"""A plain HTTP server that hands bundles to devices (``edgedeploy serve``).
+
+Bundles are stored content-addressed as ``EDGEDEPLOY_HOME/bundles/<sha256>.edb`` and served at
+``/bundles/<sha256>.edb``. GET and HEAD are supported, with single ``Range: bytes=a-b`` requests
+(206 + Content-Range; 416 for a range outside the file) so a device can resume a cut download.
+The ETag is the sha256, which never changes for a given path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from packager.atomic import fsync_dir
+from packager.bundle import bundle_sha256
+from packager.errors import NotFoundError
+from packager.home import edgedeploy_home
+
+__all__ = ["BundleServer", "bundles_dir", "publish_bundle"]
+
+log = logging.getLogger(__name__)
+
+_PATH = re.compile(r"^/bundles/([0-9a-f]{64})\.edb$")
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_CHUNK = 256 * 1024
+
+
+def bundles_dir(home: Path | None = None) -> Path:
+    """The content-addressed bundle store (created on demand)."""
+    folder = (home or edgedeploy_home()) / "bundles"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def publish_bundle(path: Path, home: Path | None = None) -> tuple[str, str]:
+    """Copy a bundle into the store under its sha256; returns (sha256, url path). Idempotent."""
+    path = Path(path)
+    if not path.is_file():
+        raise NotFoundError(f"bundle {path} does not exist: give the path of a .edb file")
+    sha = bundle_sha256(path)
+    folder = bundles_dir(home)
+    target = folder / f"{sha}.edb"
+    if not target.exists():
+        tmp = folder / f".{sha}.{os.getpid()}.tmp"
+        shutil.copyfile(path, tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+        fsync_dir(folder)
+    return sha, f"/bundles/{sha}.edb"
+
+
+def _parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """(start, end inclusive) of a single byte range, or None when it cannot be satisfied."""
+    match = _RANGE.match(header.strip())
+    if not match or (not match.group(1) and not match.group(2)):
+        return None
+    first, last = match.group(1), match.group(2)
+    if not first:  # suffix range: the last N bytes
+        length = int(last)
+        if length == 0 or size == 0:
+            return None
+        return max(0, size - length), size - 1
+    start = int(first)
+    end = int(last) if last else size - 1
+    if start >= size or end < start:
+        return None
+    return start, min(end, size - 1)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Serves ``/bundles/<sha256>.edb`` from the server's store."""
+
+    server: _Server
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+        log.debug("%s " + format, self.address_string(), *args)
+
+    def do_HEAD(self) -> None:  # noqa: N802 - stdlib naming
+        self._serve(body=False)
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        self._serve(body=True)
+
+    def _error(self, status: HTTPStatus, extra: dict[str, str] | None = None) -> None:
+        data = f"{status.value} {status.phrase}\n".encode()
+        self.send_response(status)
+        for key, value in (extra or {}).items():
+            self.send_header(key, value)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _serve(self, body: bool) -> None:
+        match = _PATH.match(self.path.split("?", 1)[0])
+        if not match:
+            self._error(HTTPStatus.NOT_FOUND)
+            return
+        sha = match.group(1)
+        path = self.server.store / f"{sha}.edb"
+        try:
+            handle = open(path, "rb")  # noqa: SIM115 - closed by the with below; 404 needs the try
+        except FileNotFoundError:
+            self._error(HTTPStatus.NOT_FOUND)
+            return
+        with handle:
+            size = os.fstat(handle.fileno()).st_size
+            start, end, status = 0, size - 1, HTTPStatus.OK
+            header = self.headers.get("Range")
+            if header and self.headers.get("If-Range", f'"{sha}"').strip() == f'"{sha}"':
+                parsed = _parse_range(header, size)
+                if parsed is None:
+                    self._error(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, {"Content-Range": f"bytes */{size}"})
+                    return
+                start, end = parsed
+                status = HTTPStatus.PARTIAL_CONTENT
+            self.send_response(status)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(end - start + 1))
+            self.send_header("Accept-Ranges", "bytes")
+            self.send_header("ETag", f'"{sha}"')
+            if status == HTTPStatus.PARTIAL_CONTENT:
+                self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+            self.end_headers()
+            if body:
+                self._copy(handle, start, end - start + 1)
+
+    def _copy(self, handle, start: int, remaining: int) -> None:  # type: ignore[no-untyped-def]
+        handle.seek(start)
+        try:
+            while remaining > 0:
+                chunk = handle.read(min(_CHUNK, remaining))
+                if not chunk:
+                    break
+                self.wfile.write(chunk)
+                remaining -= len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            log.debug("client went away during a download")
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    store: Path
+
+
+class BundleServer:
+    """The bundle server bound to ``host:port`` (0 = a free port); ``start()`` runs it in a thread."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, home: Path | None = None) -> None:
+        self._httpd = _Server((host, port), _Handler)
+        self._httpd.store = bundles_dir(home)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port."""
+        return int(self._httpd.server_address[1])
+
+    @property
+    def url(self) -> str:
+        """Base URL devices use, e.g. ``http://127.0.0.1:8080``."""
+        return f"http://{self._httpd.server_address[0]}:{self.port}"
+
+    def start(self) -> None:
+        """Serve in a background thread."""
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="bundle-server", daemon=True)
+        self._thread.start()
+
+    def serve_forever(self) -> None:
+        """Serve in the calling thread until interrupted."""
+        try:
+            self._httpd.serve_forever()
+        finally:
+            self._httpd.server_close()
+
+    def stop(self) -> None:
+        """Stop serving and close the socket."""
+        if self._thread is not None:
+            self._httpd.shutdown()
+            self._thread.join()
+            self._thread = None
+        self._httpd.server_close()

@@ -1,0 +1,545 @@
+"""Fleet rollouts over MQTT: who runs what, and moving a selection of devices to a new bundle.
+
+The rollout logic lives in :class:`RolloutPlan` and is pure (no I/O besides its JSON form): wave
+splitting, which reports count as success or failure, the failure threshold and the next action.
+:class:`FleetController` is the thin adapter: it reads retained ``status``/``reported`` messages,
+publishes retained ``desired`` messages and persists the plan after every step under
+``EDGEDEPLOY_HOME/rollouts/<id>.json`` (atomic writes), so a restarted controller resumes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from packager.atomic import atomic_write_json, read_json
+from packager.errors import EdgeDeployError, NotFoundError, UsageError, ValidationError
+from packager.fleet_messages import DEFAULT_PREFIX, encode_message, parse_message, parse_topic, topic
+from packager.home import edgedeploy_home
+
+__all__ = [
+    "DEFAULT_BROKER",
+    "DeviceSelector",
+    "FleetController",
+    "RolloutPlan",
+    "parse_fraction",
+    "parse_wave",
+    "split_waves",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
+TERMINAL = ("succeeded", "failed", "rolled-back")
+FAILED_STATES = ("failed", "rolled-back")
+
+
+def parse_fraction(text: str | float) -> float:
+    """``"10%"`` -> 0.1; a bare number is a percentage too (``"10"`` -> 0.1)."""
+    raw = str(text).strip().rstrip("%")
+    try:
+        value = float(raw) / 100.0
+    except ValueError:
+        raise UsageError(f"bad percentage {text!r}: write e.g. 10%") from None
+    if not 0.0 <= value <= 1.0:
+        raise UsageError(f"percentage {text!r} must be between 0% and 100%")
+    return value
+
+
+def parse_wave(text: str | int) -> tuple[str, float]:
+    """``"25%"`` -> ("percent", 0.25); ``"5"`` -> ("count", 5)."""
+    raw = str(text).strip()
+    if raw.endswith("%"):
+        value = parse_fraction(raw)
+        if value <= 0:
+            raise UsageError("--wave must be above 0%")
+        return "percent", value
+    try:
+        count = int(raw)
+    except ValueError:
+        raise UsageError(f"bad wave size {text!r}: write a device count (5) or a percentage (25%)") from None
+    if count < 1:
+        raise UsageError("--wave must be at least 1 device")
+    return "count", float(count)
+
+
+def split_waves(device_ids: list[str], canary: int, wave: str | int) -> list[list[str]]:
+    """The canary wave (``canary`` devices, if any) then waves of a count or a percent of all devices."""
+    if canary < 0:
+        raise UsageError("--canary must be 0 or more")
+    ids = sorted(device_ids)
+    kind, value = parse_wave(wave)
+    size = int(value) if kind == "count" else max(1, math.ceil(value * len(ids)))
+    waves = [ids[:canary]] if canary and ids else []
+    rest = ids[canary:]
+    waves += [rest[i:i + size] for i in range(0, len(rest), size)]
+    return waves
+
+
+@dataclass(frozen=True)
+class DeviceSelector:
+    """``all``, ``device:ID[,ID...]``, ``group:NAME`` or ``tag:KEY=VALUE``."""
+
+    kind: str
+    values: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> DeviceSelector:
+        """Parse a ``--to`` selector; UsageError says the accepted forms."""
+        text = (text or "").strip()
+        if text == "all":
+            return cls("all")
+        kind, _, rest = text.partition(":")
+        values = tuple(v for v in rest.split(",") if v) if kind == "device" else (rest,)
+        if kind in ("device", "group") and all(values) and values:
+            return cls(kind, values)
+        if kind == "tag" and "=" in rest and rest.split("=", 1)[0]:
+            return cls(kind, tuple(rest.split("=", 1)))
+        raise UsageError(f"bad selector {text!r}: use all, device:ID[,ID...], group:NAME or tag:KEY=VALUE")
+
+    def matches(self, device: dict[str, Any]) -> bool:
+        """True when a device (as listed by ``FleetController.devices``) is selected."""
+        if self.kind == "all":
+            return True
+        if self.kind == "device":
+            return device["device_id"] in self.values
+        if self.kind == "group":
+            return self.values[0] in (device.get("groups") or [])
+        key, value = self.values
+        return str((device.get("tags") or {}).get(key)) == value
+
+
+@dataclass
+class RolloutPlan:
+    """A persisted rollout: waves of devices, each device's previous and target bundle and its state.
+
+    Device states: ``pending`` (not ordered yet), ``updating`` (desired state published),
+    ``succeeded``, ``failed``, ``rolled-back``. Rollout states: ``running``, ``succeeded``,
+    ``rolling-back``, ``rolled-back``, ``failed`` (nothing selected to roll out to).
+    """
+
+    rollout_id: str
+    target: dict[str, Any]  # {"bundle_sha256", "bundle_url", "model": {"name", "version"}}
+    selector: str
+    waves: list[list[str]]
+    devices: dict[str, dict[str, Any]]  # id -> {"previous": target-like | None, "state", "error"}
+    max_failures: float = 0.1
+    wave_timeout: float = 300.0
+    state: str = "running"
+    current_wave: int = -1
+    wave_started: float = 0.0
+    created: float = field(default_factory=time.time)
+    reason: str = ""
+
+    @classmethod
+    def create(cls, rollout_id: str, target: dict[str, Any], selector: str,
+               previous: dict[str, dict[str, Any] | None], canary: int = 1, wave: str | int = "25%",
+               max_failures: str | float = "10%", wave_timeout: float = 300.0) -> RolloutPlan:
+        """A new plan over the devices in ``previous`` (device id -> what it runs now, or None)."""
+        fraction = max_failures if isinstance(max_failures, float) else parse_fraction(max_failures)
+        devices = {d: {"previous": prev, "state": "pending", "error": None} for d, prev in previous.items()}
+        plan = cls(rollout_id, target, selector, split_waves(list(previous), canary, wave), devices,
+                   fraction, wave_timeout)
+        if not devices:
+            plan.state, plan.reason = "failed", f"no device matches {selector!r}"
+        return plan
+
+    # -- JSON --------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (what is persisted)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> RolloutPlan:
+        """Inverse of :meth:`to_dict`."""
+        try:
+            return cls(**doc)
+        except TypeError as exc:
+            raise ValidationError(f"rollout plan is damaged ({exc}); start a new rollout") from None
+
+    # -- counting ----------------------------------------------------------------------------
+    def count(self, *states: str) -> int:
+        """How many devices are in one of ``states``."""
+        return sum(1 for d in self.devices.values() if d["state"] in states)
+
+    def too_many_failures(self) -> bool:
+        """True when the failure rate among finished devices is above ``max_failures``."""
+        failed = self.count("failed")
+        done = failed + self.count("succeeded")
+        return failed > 0 and failed > self.max_failures * done
+
+    # -- events ------------------------------------------------------------------------------
+    def record_report(self, device_id: str, report: dict[str, Any]) -> bool:
+        """Apply a device's ``reported`` message; True when the device's state changed."""
+        device = self.devices.get(device_id)
+        if device is None or device["state"] != "updating":
+            return False
+        active = report.get("active") or {}
+        if report.get("state") == "active" and active.get("bundle_sha256") == self.target["bundle_sha256"]:
+            device["state"] = "succeeded"
+            return True
+        if report.get("state") in FAILED_STATES and report.get("deployment_id") == self.rollout_id:
+            device["state"], device["error"] = "failed", report.get("error") or report.get("state")
+            return True
+        return False
+
+    def expire(self, now: float) -> list[str]:
+        """Mark devices of the current wave that did not finish in ``wave_timeout`` as failed."""
+        if self.state != "running" or self.current_wave < 0 or now - self.wave_started < self.wave_timeout:
+            return []
+        late = [d for d in self.waves[self.current_wave] if self.devices[d]["state"] == "updating"]
+        for device_id in late:
+            self.devices[device_id].update(state="failed", error=f"no report within {self.wave_timeout:.0f}s")
+        return late
+
+    def next_action(self) -> tuple[str, list[str]]:
+        """What to do now: ("wait", []), ("publish", devices of next wave), ("rollback", devices), ("done", [])."""
+        if self.state in TERMINAL:
+            return "done", []
+        if self.state == "rolling-back" or self.too_many_failures():
+            return "rollback", self.rollback_set()
+        if self.current_wave >= 0 and self.count_in_wave(self.current_wave, "updating"):
+            return "wait", []
+        if self.current_wave + 1 < len(self.waves):
+            return "publish", list(self.waves[self.current_wave + 1])
+        return "done", []
+
+    def count_in_wave(self, index: int, state: str) -> int:
+        """Devices of wave ``index`` in ``state``."""
+        return sum(1 for d in self.waves[index] if self.devices[d]["state"] == state)
+
+    def rollback_set(self) -> list[str]:
+        """Devices that were ordered to the new bundle (they get their previous one back)."""
+        return sorted(d for d, info in self.devices.items() if info["state"] in ("updating", "succeeded", "failed"))
+
+    def start_wave(self, now: float) -> list[str]:
+        """Mark the next wave as ordered; returns its devices."""
+        self.current_wave += 1
+        self.wave_started = now
+        for device_id in self.waves[self.current_wave]:
+            self.devices[device_id]["state"] = "updating"
+        return list(self.waves[self.current_wave])
+
+    def begin_rollback(self, reason: str) -> list[str]:
+        """Switch to rolling back; returns the devices to send their previous bundle."""
+        self.state, self.reason = "rolling-back", reason
+        return self.rollback_set()
+
+    def finish_rollback(self, device_ids: list[str]) -> None:
+        """The previous bundle was ordered on every device in ``device_ids``."""
+        for device_id in device_ids:
+            self.devices[device_id]["state"] = "rolled-back"
+        self.state = "rolled-back"
+
+    def finish(self) -> None:
+        """Every wave finished under the failure threshold."""
+        self.state = "succeeded"
+
+    def status(self) -> dict[str, Any]:
+        """The ``fleet status --json`` document."""
+        waves = [
+            {"index": i, "devices": list(w), "canary": i == 0 and len(self.waves) > 1 and len(w) < len(self.devices),
+             "succeeded": self.count_in_wave(i, "succeeded"), "failed": self.count_in_wave(i, "failed"),
+             "pending": self.count_in_wave(i, "pending") + self.count_in_wave(i, "updating"),
+             "rolled_back": self.count_in_wave(i, "rolled-back")}
+            for i, w in enumerate(self.waves)
+        ]
+        return {
+            "rollout_id": self.rollout_id, "state": self.state, "reason": self.reason,
+            "bundle_sha256": self.target["bundle_sha256"], "model": self.target.get("model"),
+            "selector": self.selector, "succeeded": self.count("succeeded"),
+            "failed": self.count("failed"), "pending": self.count("pending", "updating"),
+            "rolled_back": self.count("rolled-back"), "current_wave": self.current_wave, "waves": waves,
+            "devices": {d: {"state": i["state"], "error": i["error"]} for d, i in sorted(self.devices.items())},
+        }
+
+
+def _rollouts_dir(home: Path) -> Path:
+    folder = home / "rollouts"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+class _Link:
+    """The MQTT side: latest retained ``reported``/``status`` per device, and publishing."""
+
+    def __init__(self, broker_url: str, prefix: str) -> None:
+        import paho.mqtt.client as mqtt  # the adapter only: the plan logic never needs paho
+
+        url = urlparse(broker_url)
+        if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
+            raise UsageError(f"bad broker URL {broker_url!r}: write mqtt://HOST:PORT")
+        self.prefix = prefix
+        self.reported: dict[str, dict[str, Any]] = {}
+        self.status: dict[str, dict[str, Any]] = {}
+        self.last_seen: dict[str, float] = {}
+        self.changed = threading.Condition()
+        self._connected = threading.Event()
+        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgedeploy-ctl-{secrets.token_hex(4)}")
+        if url.username:
+            self._client.username_pw_set(url.username, url.password)
+        if url.scheme == "mqtts":
+            self._client.tls_set()
+        self._client.on_connect = self._on_connect
+        self._client.on_message = self._on_message
+        self._client.reconnect_delay_set(0.2, 2)
+        try:
+            self._client.connect(url.hostname, url.port or (8883 if url.scheme == "mqtts" else 1883), keepalive=30)
+        except OSError as exc:
+            raise EdgeDeployError(f"cannot reach the MQTT broker at {broker_url} ({exc}); is it running?") from None
+        self._client.loop_start()
+        if not self._connected.wait(10):
+            self.close()
+            raise EdgeDeployError(f"the MQTT broker at {broker_url} did not accept the connection")
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        if reason_code.is_failure:
+            log.warning("broker refused the connection: %s", reason_code)
+            return
+        client.subscribe([(topic("+", "reported", self.prefix), 1), (topic("+", "status", self.prefix), 1)])
+        self._connected.set()
+
+    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+        try:
+            device_id, kind = parse_topic(message.topic, self.prefix)
+            body = parse_message(kind, message.payload) if message.payload else None
+        except ValidationError as exc:
+            log.info("ignoring a message on %s: %s", message.topic, exc)
+            return
+        with self.changed:
+            target = self.reported if kind == "reported" else self.status
+            if body is None:
+                target.pop(device_id, None)
+            else:
+                target[device_id] = body
+                self.last_seen[device_id] = time.time()
+            self.changed.notify_all()
+
+    def settle(self, quiet: float = 0.3, limit: float = 3.0) -> None:
+        """Wait until retained messages stopped arriving (``quiet`` seconds without one)."""
+        deadline = time.monotonic() + limit
+        with self.changed:
+            while time.monotonic() < deadline and self.changed.wait(quiet):
+                pass
+
+    def wait_change(self, timeout: float) -> None:
+        """Block until any message arrives or ``timeout`` passes."""
+        with self.changed:
+            self.changed.wait(timeout)
+
+    def publish_desired(self, device_id: str, body: dict[str, Any]) -> None:
+        """Publish a retained QoS 1 desired state and wait for the broker to take it."""
+        info = self._client.publish(topic(device_id, "desired", self.prefix), encode_message("desired", body),
+                                    qos=1, retain=True)
+        deadline = time.monotonic() + 30
+        while not info.is_published() and time.monotonic() < deadline:
+            try:
+                info.wait_for_publish(1.0)
+            except (RuntimeError, ValueError):
+                time.sleep(0.2)  # not connected right now: paho resends once it reconnects
+        if not info.is_published():
+            raise EdgeDeployError(f"the broker did not acknowledge the order for {device_id}; is it running?")
+
+    def close(self) -> None:
+        """Disconnect."""
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+class FleetController:
+    """Lists devices and runs rollouts; every step is persisted so a restart resumes a rollout."""
+
+    def __init__(self, broker_url: str = DEFAULT_BROKER, prefix: str = DEFAULT_PREFIX,
+                 home: Path | None = None) -> None:
+        self.broker_url = broker_url
+        self.prefix = prefix
+        self.home = Path(home) if home else edgedeploy_home()
+        self._link: _Link | None = None
+
+    # -- connection --------------------------------------------------------------------------
+    def _connect(self) -> _Link:
+        if self._link is None:
+            self._link = _Link(self.broker_url, self.prefix)
+            self._link.settle()
+        return self._link
+
+    def close(self) -> None:
+        """Disconnect from the broker."""
+        if self._link is not None:
+            self._link.close()
+            self._link = None
+
+    def __enter__(self) -> FleetController:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- devices -----------------------------------------------------------------------------
+    def devices(self) -> list[dict[str, Any]]:
+        """Every device that reported: id, online, model, model_version, bundle_sha256, state, last_seen."""
+        link = self._connect()
+        with link.changed:
+            ids = sorted(set(link.reported) | set(link.status))
+            return [self._device_row(link, d) for d in ids]
+
+    @staticmethod
+    def _device_row(link: _Link, device_id: str) -> dict[str, Any]:
+        report = link.reported.get(device_id, {})
+        active = report.get("active") or {}
+        model = active.get("model") if isinstance(active.get("model"), dict) else {}
+        return {
+            "device_id": device_id,
+            "online": bool(link.status.get(device_id, {}).get("online", False)),
+            "model": model.get("name") or active.get("name"),
+            "model_version": model.get("version") or active.get("version"),
+            "bundle_sha256": active.get("bundle_sha256"),
+            "state": report.get("state", "unknown"),
+            "last_seen": report.get("ts") or link.last_seen.get(device_id),
+            "groups": report.get("groups") or [],
+            "tags": report.get("tags") or {},
+            "profile": report.get("profile"),
+            "http_port": report.get("http_port"),
+            "grpc_port": report.get("grpc_port"),
+            "error": report.get("error"),
+        }
+
+    # -- rollouts ----------------------------------------------------------------------------
+    def rollout(self, bundle_path: Path, selector: str, server_url: str, canary: int = 1,
+                wave: str | int = "25%", max_failures: str | float = "10%", wait: bool = False,
+                wave_timeout: float = 300.0) -> str:
+        """Start (and with ``wait`` finish) a rollout of ``bundle_path`` to the selected devices."""
+        from packager.bundle import verify_bundle
+        from packager.bundle_server import publish_bundle
+        from packager.keys import TrustStore
+
+        chosen = DeviceSelector.parse(selector)
+        parse_wave(wave)
+        manifest = verify_bundle(Path(bundle_path), TrustStore.local(self.home))
+        sha, url_path = publish_bundle(Path(bundle_path), self.home)
+        target = {"bundle_sha256": sha, "bundle_url": server_url.rstrip("/") + url_path,
+                  "model": {"name": manifest.name, "version": manifest.version}}
+        rows = [d for d in self.devices() if chosen.matches(d) and (d["online"] or chosen.kind == "device")]
+        if chosen.kind == "device":
+            missing = sorted(set(chosen.values) - {d["device_id"] for d in rows})
+            if missing:
+                raise NotFoundError(f"unknown device(s): {', '.join(missing)}; see `edgedeploy fleet devices`")
+        link = self._connect()
+        previous = {d["device_id"]: self._previous(link, d["device_id"], server_url) for d in rows}
+        rollout_id = f"r-{time.strftime('%Y%m%d%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+        plan = RolloutPlan.create(rollout_id, target, selector, previous, canary, wave, max_failures, wave_timeout)
+        self._save(plan)
+        log.info("rollout %s: %d device(s) in %d wave(s)", rollout_id, len(previous), len(plan.waves))
+        self.step(plan)
+        if wait:
+            self.resume(rollout_id)
+        return rollout_id
+
+    @staticmethod
+    def _previous(link: _Link, device_id: str, server_url: str) -> dict[str, Any] | None:
+        active = (link.reported.get(device_id) or {}).get("active") or {}
+        sha = active.get("bundle_sha256")
+        if not sha:
+            return None
+        model = active.get("model") if isinstance(active.get("model"), dict) else {
+            "name": active.get("name"), "version": active.get("version")}
+        url = active.get("bundle_url") or f"{server_url.rstrip('/')}/bundles/{sha}.edb"
+        return {"bundle_sha256": sha, "bundle_url": url, "model": model}
+
+    def load(self, rollout_id: str) -> RolloutPlan:
+        """The persisted plan of ``rollout_id``."""
+        path = _rollouts_dir(self.home) / f"{rollout_id}.json"
+        if "/" in rollout_id or not path.is_file():
+            raise NotFoundError(f"no rollout {rollout_id!r}; see `edgedeploy fleet status`")
+        return RolloutPlan.from_dict(read_json(path))
+
+    def list_rollouts(self) -> list[dict[str, Any]]:
+        """Short status of every persisted rollout, oldest first."""
+        plans = [RolloutPlan.from_dict(read_json(p)) for p in _rollouts_dir(self.home).glob("r-*.json")]
+        return [{k: p.status()[k] for k in ("rollout_id", "state", "succeeded", "failed", "pending", "selector")}
+                for p in sorted(plans, key=lambda p: p.created)]
+
+    def _save(self, plan: RolloutPlan) -> None:
+        atomic_write_json(_rollouts_dir(self.home) / f"{plan.rollout_id}.json", plan.to_dict())
+
+    def step(self, plan: RolloutPlan) -> RolloutPlan:
+        """Apply what devices reported and take every action that is due; persists the plan."""
+        link = self._connect()
+        with link.changed:
+            reports = {d: dict(link.reported[d]) for d in plan.devices if d in link.reported}
+        for device_id, report in reports.items():
+            plan.record_report(device_id, report)
+        plan.expire(time.time())
+        while True:
+            action, devices = plan.next_action()
+            if action == "publish":
+                self._save(plan)  # the order is on record before it is sent
+                for device_id in plan.start_wave(time.time()):
+                    self._order(link, plan, device_id, plan.target)
+                    plan.record_report(device_id, reports.get(device_id, {}))
+            elif action == "rollback":
+                self._rollback(link, plan, plan.reason or "too many devices failed")
+            elif action == "done":
+                if plan.state == "running":
+                    plan.finish()
+                break
+            else:
+                break
+            self._save(plan)
+        self._save(plan)
+        return plan
+
+    def _order(self, link: _Link, plan: RolloutPlan, device_id: str, target: dict[str, Any] | None,
+               rollback: bool = False) -> None:
+        body: dict[str, Any] = {"deployment_id": plan.rollout_id + ("-rollback" if rollback else ""),
+                                "rollout_id": plan.rollout_id, "allow_downgrade": rollback}
+        if target is None:  # the device ran nothing before: remove the model again
+            body.update(bundle_url="", bundle_sha256="", model={"name": plan.target["model"]["name"],
+                                                                "version": None}, action="remove")
+        else:
+            body.update(bundle_url=target["bundle_url"], bundle_sha256=target["bundle_sha256"],
+                        model=target["model"])
+        link.publish_desired(device_id, body)
+
+    def _rollback(self, link: _Link, plan: RolloutPlan, reason: str) -> None:
+        devices = plan.begin_rollback(reason)
+        self._save(plan)
+        log.warning("rollout %s: rolling back %d device(s): %s", plan.rollout_id, len(devices), reason)
+        for device_id in devices:
+            self._order(link, plan, device_id, plan.devices[device_id]["previous"], rollback=True)
+        plan.finish_rollback(devices)
+
+    def status(self, rollout_id: str, advance: bool = True) -> dict[str, Any]:
+        """The rollout's status; a running plan is advanced one step first (so status resumes it)."""
+        plan = self.load(rollout_id)
+        if advance and plan.state not in TERMINAL:
+            plan = self.step(plan)
+        return plan.status()
+
+    def resume(self, rollout_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """Drive a persisted rollout until it ends (or ``timeout`` seconds pass); returns its status."""
+        plan = self.load(rollout_id)
+        link = self._connect()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while plan.state not in TERMINAL:
+            plan = self.step(plan)
+            if plan.state in TERMINAL or (deadline is not None and time.monotonic() > deadline):
+                break
+            link.wait_change(0.5)
+        return plan.status()
+
+    def abort(self, rollout_id: str) -> dict[str, Any]:
+        """Stop a rollout and send every updated device its previous bundle."""
+        plan = self.load(rollout_id)
+        if plan.state in TERMINAL:
+            raise UsageError(f"rollout {rollout_id} already ended ({plan.state})")
+        self._rollback(self._connect(), plan, "aborted by the user")
+        self._save(plan)
+        return plan.status()
