@@ -87,23 +87,31 @@ def validate_inputs(specs: list[TensorSpec], given: dict[str, Any]) -> dict[str,
     result = {}
     for name, spec in expected.items():
         dtype = v2_to_numpy(spec.datatype)
+        value = given[name]
+        from_json = not isinstance(value, np.ndarray)
         try:
-            raw = given[name] if isinstance(given[name], np.ndarray) else np.asarray(given[name])
+            raw = np.asarray(value)
         except (ValueError, TypeError) as exc:
             raise InvalidInputError(f"input {name!r} is not a rectangular array: {exc}") from None
-        result[name] = _convert(name, raw, dtype)
+        result[name] = _convert(name, raw, dtype, from_json)
         _check_shape(name, result[name].shape, spec.shape)
     return result
 
 
-def _convert(name: str, raw: np.ndarray, dtype: np.dtype) -> np.ndarray:
+def _convert(name: str, raw: np.ndarray, dtype: np.dtype, from_json: bool = False) -> np.ndarray:
+    """Cast only when nothing is lost; JSON numbers (parsed as float64/int64) may narrow to the spec."""
     from packager.errors import InvalidInputError
 
     if raw.dtype == dtype:
         return raw
     if dtype == np.object_:
         return raw.astype(np.object_)
-    safe = np.can_cast(raw.dtype, dtype, casting="same_kind") or (raw.dtype.kind in "iub" and dtype.kind == "f")
+    if from_json and raw.dtype.kind in "iub" and dtype.kind in "iu":
+        if raw.size and (raw.min() < np.iinfo(dtype).min or raw.max() > np.iinfo(dtype).max):
+            raise InvalidInputError(f"input {name!r} has values out of range for {dtype}")
+        return raw.astype(dtype)
+    safe = (np.can_cast(raw.dtype, dtype, casting="safe") or (raw.dtype.kind in "iub" and dtype.kind == "f")
+            or (from_json and raw.dtype.kind == "f" and dtype.kind == "f"))
     if raw.dtype.kind in "OSU" or not safe:
         raise InvalidInputError(f"input {name!r} has dtype {raw.dtype}, which does not convert to {dtype} safely")
     return raw.astype(dtype)

@@ -2,8 +2,9 @@
 
 Calling convention, as Azure ML's inference server does it, so migrated scripts run unchanged:
 a ``run`` decorated with inference-schema's ``@input_schema`` gets the JSON body's fields as
-keyword arguments (the decorators convert them to numpy/pandas); any other ``run`` gets the raw
-body: the JSON text as ``str``, or ``bytes`` for a binary body such as an image. While the model
+keyword arguments (the decorators convert them to numpy/pandas); any other ``run`` gets the
+parsed value of the body's ``data`` field (the whole parsed document when there is no ``data``),
+or ``bytes`` for a non-JSON body such as an image. While the model
 loads, ``AZUREML_MODEL_DIR`` and ``EDGEDEPLOY_MODEL_DIR`` name the bundle's ``model`` folder, and
 the bundle's source folder is importable.
 """
@@ -116,9 +117,12 @@ class EntryScriptModel:
             if not isinstance(arguments, dict):
                 raise InvalidInputError("this model's input schema needs a JSON object body")
             return self._call(**arguments)
-        if isinstance(body, bytes) and not content_type.startswith("application/json"):
+        if isinstance(body, bytes) and "json" not in content_type:
             return self._call(body)
-        return self._call(body.decode() if isinstance(body, bytes) else json.dumps(body))
+        document = _json(body)
+        if isinstance(document, dict) and "data" in document:
+            document = document["data"]
+        return self._call(document)
 
     def _call(self, *args: Any, **kwargs: Any) -> Any:
         try:

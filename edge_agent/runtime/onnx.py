@@ -49,14 +49,23 @@ def parse_score_body(body: Any, input_names: list[str]) -> dict[str, Any]:
     return {input_names[0]: value}
 
 
+def _intra_op_threads() -> int:
+    """EDGEDEPLOY_INTRA_OP_THREADS, else every core up to 4 (small edge CPUs, no spinning pool)."""
+    configured = os.environ.get("EDGEDEPLOY_INTRA_OP_THREADS")
+    if configured and configured.isdigit():
+        return int(configured)
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
 class OnnxModel:
     """One onnxruntime session; ``infer`` is safe to call from several threads."""
 
     def __init__(self, path: Path, info: ModelInfo, providers: list[str]) -> None:
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        threads = int(os.environ.get("EDGEDEPLOY_INTRA_OP_THREADS", "0"))
-        options.intra_op_num_threads = threads
+        options.intra_op_num_threads = _intra_op_threads()
+        # requests already run concurrently in worker threads: one inter-op thread avoids oversubscription
+        options.inter_op_num_threads = 1
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:  # onnxruntime's own error types are not exported
