@@ -3,7 +3,6 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-PROTO_OUT := edge_agent/grpc
 
 .PHONY: setup demo test bench protos lint clean
 
@@ -26,9 +25,9 @@ bench: setup
 	$(BIN)/python -m bench
 
 protos: setup
-	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
-		--grpc_python_out=$(PROTO_OUT) protos/*.proto
-	$(BIN)/python -m edge_agent.grpc.fix_imports $(PROTO_OUT)
+	# -Iedge_agent/grpc=protos makes the generated modules import each other as edge_agent.grpc.*
+	$(BIN)/python -m grpc_tools.protoc -Iedge_agent/grpc=protos --python_out=. --pyi_out=. \
+		--grpc_python_out=. protos/oip_messages.proto protos/grpc_service.proto
 
 lint: setup
 	$(BIN)/ruff check packager edge_agent tests bench

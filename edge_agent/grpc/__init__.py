@@ -1,0 +1,1 @@
+"""The gRPC adapter: generated Open Inference Protocol code, converters and the servicer."""

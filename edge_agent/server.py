@@ -1,0 +1,113 @@
+"""One process serving a data plane over gRPC (Open Inference Protocol) and REST, on one event loop."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from edge_agent.auth import AuthKeys
+from edge_agent.dataplane import DataPlane
+from edge_agent.grpc import grpc_service_pb2_grpc
+from edge_agent.grpc.servicer import AuthInterceptor, InferenceServicer
+from edge_agent.rest import build_app
+
+__all__ = ["DEFAULT_MAX_REQUEST_BYTES", "ServingApp", "ServingConfig"]
+
+log = logging.getLogger(__name__)
+DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class ServingConfig:
+    """Where and how to serve. Port 0 picks a free port (read ``ServingApp.http_port`` after start)."""
+
+    host: str = "127.0.0.1"
+    http_port: int = 0
+    grpc_port: int = 0
+    keys_file: Path | None = None
+    auth_enabled: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+
+
+class ServingApp:
+    """The gRPC and REST servers of one data plane."""
+
+    def __init__(self, dataplane: DataPlane, config: ServingConfig) -> None:
+        self.dataplane = dataplane
+        self.config = config
+        self.keys = AuthKeys(config.keys_file, config.auth_enabled)
+        self.http_port = 0
+        self.grpc_port = 0
+        self._grpc: grpc.aio.Server | None = None
+        self._runner: web.AppRunner | None = None
+        self._health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+
+    async def start(self) -> None:
+        """Bind both servers; raises OSError when a port is taken."""
+        await self._start_grpc()
+        try:
+            await self._start_http()
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+        log.info("serving REST on %s:%s and gRPC on %s:%s", self.config.host, self.http_port, self.config.host,
+                 self.grpc_port)
+
+    async def _start_grpc(self) -> None:
+        limit = self.config.max_request_bytes
+        server = grpc.aio.server(interceptors=[AuthInterceptor(self.keys)], options=[
+            ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0)])
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.dataplane), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        address = f"{self.config.host}:{self.config.grpc_port}"
+        if self.config.tls_cert and self.config.tls_key:
+            credentials = grpc.ssl_server_credentials(
+                [(Path(self.config.tls_key).read_bytes(), Path(self.config.tls_cert).read_bytes())])
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"cannot bind gRPC to {address}")
+        await server.start()
+        self._grpc, self.grpc_port = server, port
+        await self._set_health()
+
+    async def _set_health(self) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING
+        result = self._health.set("", status)
+        if result is not None:
+            await result
+
+    async def _start_http(self) -> None:
+        app = build_app(self.dataplane, self.keys, self.config.max_request_bytes)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        context = None
+        if self.config.tls_cert and self.config.tls_key:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(str(self.config.tls_cert), str(self.config.tls_key))
+        site = web.TCPSite(runner, self.config.host, self.config.http_port, ssl_context=context,
+                           reuse_port=False)
+        self._runner = runner
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.http_port = int(sockets[0].getsockname()[1]) if sockets else self.config.http_port
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting, let requests in flight finish (up to ``grace`` seconds), close."""
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+            self._grpc = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
