@@ -1,0 +1,211 @@
+"""Fleet rollouts end to end: a real Mosquitto, ``edgedeploy serve``, the controller and its CLI.
+
+The first tests drive the controller against scripted devices that speak the MQTT contract of
+``packager.fleet_messages`` (they download the bundle from the real server and check its sha256),
+which pins the controller's side; the tests after them run real ``edge-agent --config`` processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from packager.bundle import BundleManifest, write_bundle
+from packager.fleet import FleetController
+from packager.fleet_messages import encode_message, parse_message, topic
+from packager.keys import SigningKey
+from packager.profiles import load_profile
+from packager.tensors import TensorSpec
+
+pytestmark = pytest.mark.e2e
+
+ENTRY_OK = b"import json\n\ndef init():\n    pass\n\ndef run(data):\n    return {'ok': True}\n"
+ENTRY_BAD = b"def init():\n    raise RuntimeError('this model cannot start')\n\ndef run(data):\n    return {}\n"
+
+
+def script_bundle(out: Path, key: SigningKey, version: int, script: bytes = ENTRY_OK) -> Path:
+    """A small signed entry-script bundle; ENTRY_BAD's init() raises, so its health check fails."""
+    manifest = BundleManifest(
+        model={"name": "scorer", "version": version},
+        profile=load_profile("cpu-x86_64").to_dict(),
+        runtime={"backend": "entry-script", "model_path": "model/params.json", "precision": "fp32",
+                 "execution_providers": ["CPUExecutionProvider"], "optimization_level": "basic"},
+        inputs=[TensorSpec("data", "FP32", (-1, 2))], outputs=[],
+        entry_script={"script": "src/score.py", "source_dir": "src", "requirements": None},
+        samples={"input": "samples/input.json", "output": None},
+    )
+    payload: dict[str, Path | bytes] = {"src/score.py": script, "model/params.json": b'{"v": %d}' % version,
+                                        "samples/input.json": b'{"data": [[1.0, 2.0]]}'}
+    write_bundle(out, manifest, payload, key)
+    return out
+
+
+def edgedeploy(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", "packager.cli.main", *args], capture_output=True, text=True,
+                            env=os.environ.copy(), timeout=120)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+class ScriptedDevice:
+    """A device at the MQTT protocol level: downloads what it is told, checks the sha256, reports.
+
+    ``broken`` marks bundle sha256s this device fails to start (as a failed health check would).
+    """
+
+    def __init__(self, broker_port: int, device_id: str, groups: list[str], broken: set[str]) -> None:
+        self.device_id, self.groups, self.broken = device_id, groups, broken
+        self.active: dict[str, Any] | None = None
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device_id)
+        self.client.will_set(topic(device_id, "status"), encode_message("status", {"online": False}), 1, True)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(0.1, 1)
+        self.client.connect("127.0.0.1", broker_port)
+        self.client.loop_start()
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        client.publish(topic(self.device_id, "status"), encode_message("status", {"online": True}), 1, True)
+        client.subscribe(topic(self.device_id, "desired"), 1)
+        self.report("idle" if self.active is None else "active", None)
+
+    def report(self, state: str, deployment_id: str | None, error: str | None = None) -> None:
+        body = {"device_id": self.device_id, "state": state, "deployment_id": deployment_id, "active": self.active,
+                "error": error, "groups": self.groups, "tags": {}, "ts": time.time()}
+        self.client.publish(topic(self.device_id, "reported"), encode_message("reported", body), 1, True)
+
+    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+        desired = parse_message("desired", message.payload)
+        # Work off the network thread, as a real agent does.
+        threading.Thread(target=self._apply, args=(desired,), daemon=True).start()
+
+    def _apply(self, desired: dict[str, Any]) -> None:
+        if desired.get("action") == "remove":
+            self.active = None
+            self.report("idle", desired["deployment_id"])
+            return
+        if self.active and self.active["bundle_sha256"] == desired["bundle_sha256"]:
+            self.report("active", desired["deployment_id"])
+            return
+        with urllib.request.urlopen(desired["bundle_url"], timeout=10) as response:
+            data = response.read()
+        if hashlib.sha256(data).hexdigest() != desired["bundle_sha256"] or desired["bundle_sha256"] in self.broken:
+            self.report("failed", desired["deployment_id"], "health check failed")
+            return
+        self.active = {"bundle_sha256": desired["bundle_sha256"], "bundle_url": desired["bundle_url"],
+                       "model": desired["model"]}
+        self.report("active", desired["deployment_id"])
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def scripted(mqtt_broker: Any) -> Iterator[Any]:
+    made: list[ScriptedDevice] = []
+
+    def make(n: int, broken: set[str] | None = None, groups: list[str] | None = None) -> list[ScriptedDevice]:
+        devices = [ScriptedDevice(mqtt_broker.port, f"sim-{len(made) + i:03d}", groups or [], broken or set())
+                   for i in range(n)]
+        made.extend(devices)
+        return devices
+
+    yield make
+    for device in made:
+        device.close()
+
+
+def test_rollout_in_waves_then_devices_list_the_new_bundle(mqtt_broker: Any, bundle_server: Any, scripted: Any,
+                                                             signing_key: SigningKey, tmp_path: Path) -> None:
+    scripted(8, groups=["kitchen"])
+    scripted(2, groups=["garage"])
+    bundle = script_bundle(tmp_path / "v1.edb", signing_key, 1)
+    with FleetController(mqtt_broker.url) as ctl:
+        rollout_id = ctl.rollout(bundle, "group:kitchen", bundle_server.url, canary=1, wave="3", wait=True,
+                                 wave_timeout=60)
+        status = ctl.status(rollout_id)
+        devices = {d["device_id"]: d for d in ctl.devices()}
+    assert status["state"] == "succeeded" and status["succeeded"] == 8 and status["failed"] == 0
+    assert [len(w["devices"]) for w in status["waves"]] == [1, 3, 3, 1]
+    sha = status["bundle_sha256"]
+    assert sum(d["bundle_sha256"] == sha for d in devices.values()) == 8
+    assert devices["sim-008"]["bundle_sha256"] is None  # garage was not selected
+    listed = json.loads(edgedeploy("fleet", "--broker", mqtt_broker.url, "devices", "--json").stdout)
+    assert {"device_id", "online", "model", "model_version", "bundle_sha256", "state", "last_seen"} <= set(listed[0])
+    assert sum(d["model_version"] == 1 and d["online"] for d in listed) == 8
+
+
+def test_a_failing_canary_halts_and_rolls_back(mqtt_broker: Any, bundle_server: Any, scripted: Any,
+                                               signing_key: SigningKey, tmp_path: Path) -> None:
+    good = script_bundle(tmp_path / "v1.edb", signing_key, 1)
+    bad = script_bundle(tmp_path / "v2.edb", signing_key, 2, ENTRY_BAD)
+    bad_sha = hashlib.sha256(bad.read_bytes()).hexdigest()
+    scripted(6, broken={bad_sha})
+    with FleetController(mqtt_broker.url) as ctl:
+        first = ctl.rollout(good, "all", bundle_server.url, canary=0, wave="100%", wait=True, wave_timeout=60)
+        assert ctl.status(first)["state"] == "succeeded"
+        good_sha = ctl.status(first)["bundle_sha256"]
+    result = edgedeploy("fleet", "--broker", mqtt_broker.url, "rollout", str(bad), "--to", "all", "--server",
+                        bundle_server.url, "--canary", "2", "--wave", "2", "--wait", "--json", check=False)
+    assert result.returncode == 1, result.stderr
+    status = json.loads(result.stdout)
+    assert status["state"] == "rolled-back" and status["rolled_back"] == 2 and status["pending"] == 4
+    with FleetController(mqtt_broker.url) as ctl:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if all(d["bundle_sha256"] == good_sha and d["state"] == "active" for d in ctl.devices()):
+                break
+            ctl._connect().wait_change(0.5)
+        assert all(d["bundle_sha256"] == good_sha for d in ctl.devices())
+
+
+def test_a_rollout_survives_a_broker_restart_and_a_controller_restart(
+        mqtt_broker: Any, bundle_server: Any, scripted: Any, signing_key: SigningKey, tmp_path: Path) -> None:
+    scripted(6)
+    bundle = script_bundle(tmp_path / "v1.edb", signing_key, 1)
+    with FleetController(mqtt_broker.url) as ctl:
+        rollout_id = ctl.rollout(bundle, "all", bundle_server.url, canary=1, wave="2", wave_timeout=60)
+    mqtt_broker.restart(down_for=0.5)  # the controller process is gone too: only the plan file remains
+    listed = json.loads(edgedeploy("fleet", "--broker", mqtt_broker.url, "status", "--json").stdout)
+    assert [r["rollout_id"] for r in listed] == [rollout_id]
+    with FleetController(mqtt_broker.url) as ctl:
+        status = ctl.resume(rollout_id, timeout=90)
+    assert status["state"] == "succeeded" and status["succeeded"] == 6
+
+
+def test_abort_rolls_back_and_bad_input_is_one_error_line(mqtt_broker: Any, bundle_server: Any, scripted: Any,
+                                                          signing_key: SigningKey, tmp_path: Path) -> None:
+    scripted(3)
+    bundle = script_bundle(tmp_path / "v1.edb", signing_key, 1)
+    with FleetController(mqtt_broker.url) as ctl:
+        rollout_id = ctl.rollout(bundle, "all", bundle_server.url, canary=1, wave="1", wave_timeout=60)
+    edgedeploy("fleet", "--broker", mqtt_broker.url, "abort", rollout_id)
+    shown = json.loads(edgedeploy("fleet", "--broker", mqtt_broker.url, "status", rollout_id, "--json").stdout)
+    assert shown["state"] == "rolled-back" and shown["succeeded"] == 0
+    for args in (["status", "r-nope"], ["rollout", str(tmp_path / "missing.edb"), "--to", "all"],
+                 ["rollout", str(bundle), "--to", "device:ghost"], ["rollout", str(bundle), "--to", "nonsense"]):
+        result = edgedeploy("fleet", "--broker", mqtt_broker.url, *args, check=False)
+        assert result.returncode in (1, 2) and result.stderr.startswith("error: "), result.stderr
+        assert "Traceback" not in result.stderr
+    tampered = tmp_path / "tampered.edb"
+    tampered.write_bytes(bundle.read_bytes()[:-40] + b"x" * 40)
+    result = edgedeploy("fleet", "--broker", mqtt_broker.url, "rollout", str(tampered), "--to", "all", check=False)
+    assert result.returncode == 1 and result.stderr.startswith("error: ")
+
+
+HAVE_AGENT = importlib.util.find_spec("edge_agent.daemon") is not None
