@@ -32,7 +32,7 @@ from packager.tensors import TensorSpec
 
 pytestmark = pytest.mark.e2e
 
-ENTRY_OK = b"import json\n\ndef init():\n    pass\n\ndef run(data):\n    return {'ok': True}\n"
+ENTRY_OK = b"def init():\n    pass\n\ndef run(data):\n    return {'version': %d}\n"
 ENTRY_BAD = b"def init():\n    raise RuntimeError('this model cannot start')\n\ndef run(data):\n    return {}\n"
 
 
@@ -47,7 +47,8 @@ def script_bundle(out: Path, key: SigningKey, version: int, script: bytes = ENTR
         entry_script={"script": "src/score.py", "source_dir": "src", "requirements": None},
         samples={"input": "samples/input.json", "output": None},
     )
-    payload: dict[str, Path | bytes] = {"src/score.py": script, "model/params.json": b'{"v": %d}' % version,
+    source = script % version if script is ENTRY_OK else script
+    payload: dict[str, Path | bytes] = {"src/score.py": source, "model/params.json": b'{"v": %d}' % version,
                                         "samples/input.json": b'{"data": [[1.0, 2.0]]}'}
     write_bundle(out, manifest, payload, key)
     return out
@@ -209,3 +210,82 @@ def test_abort_rolls_back_and_bad_input_is_one_error_line(mqtt_broker: Any, bund
 
 
 HAVE_AGENT = importlib.util.find_spec("edge_agent.daemon") is not None
+needs_agent = pytest.mark.skipif(not HAVE_AGENT, reason="edge_agent.daemon (edge-agent --config) is not built yet")
+
+
+def wait_fleet(ctl: FleetController, ids: list[str], check: Any, timeout: float = 90.0) -> list[dict[str, Any]]:
+    """Wait until ``check(row)`` holds for every device in ``ids``; returns the rows."""
+    link = ctl._connect()
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = [d for d in ctl.devices() if d["device_id"] in ids]
+        if len(rows) == len(ids) and all(check(r) for r in rows):
+            return rows
+        assert time.monotonic() < deadline, f"devices never got there: {rows}"
+        link.wait_change(0.5)
+
+
+def score(row: dict[str, Any]) -> Any:
+    """POST /score on a device's REST port."""
+    request = urllib.request.Request(f"http://127.0.0.1:{row['http_port']}/score", data=b'{"data": [[1.0, 2.0]]}',
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+@needs_agent
+def test_twenty_real_agents_waves_failed_health_check_and_tampered_bundle(
+        mqtt_broker: Any, bundle_server: Any, agents: Any, signing_key: SigningKey, tmp_path: Path) -> None:
+    from packager.bundle_server import publish_bundle
+
+    fleet = agents(20)
+    ids = [a.device_id for a in fleet]
+    v1 = script_bundle(tmp_path / "v1.edb", signing_key, 1)
+    with FleetController(mqtt_broker.url) as ctl:
+        wait_fleet(ctl, ids, lambda r: r["online"], timeout=120)
+        first = ctl.rollout(v1, "all", bundle_server.url, canary=1, wave="25%", wait=True, wave_timeout=120)
+        status = ctl.status(first)
+        assert status["state"] == "succeeded" and status["succeeded"] == 20, status
+        assert [len(w["devices"]) for w in status["waves"]] == [1, 5, 5, 5, 4]
+        rows = wait_fleet(ctl, ids, lambda r: r["state"] == "active" and r["model_version"] == 1)
+        assert score(rows[7]) == {"version": 1}
+
+        # A bundle whose init() raises: the canary fails its health check, the rollout stops there.
+        bad = script_bundle(tmp_path / "v2.edb", signing_key, 2, ENTRY_BAD)
+        second = ctl.rollout(bad, "all", bundle_server.url, canary=1, wave="25%", wait=True, wave_timeout=120)
+        status = ctl.status(second)
+        assert status["state"] == "rolled-back" and status["rolled_back"] == 1 and status["pending"] == 19
+        rows = wait_fleet(ctl, ids, lambda r: r["state"] == "active" and r["model_version"] == 1)
+        assert all(score(r) == {"version": 1} for r in rows[:3])
+
+        # The store's copy is corrupted after publishing: the device refuses it and keeps serving v1.
+        v3 = script_bundle(tmp_path / "v3.edb", signing_key, 3)
+        sha, _ = publish_bundle(v3)
+        stored = Path(os.environ["EDGEDEPLOY_HOME"]) / "bundles" / f"{sha}.edb"
+        data = bytearray(stored.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        stored.write_bytes(bytes(data))
+        third = ctl.rollout(v3, f"device:{ids[0]}", bundle_server.url, canary=1, wait=True, wave_timeout=120)
+        assert ctl.status(third)["state"] == "rolled-back"
+        row = wait_fleet(ctl, ids[:1], lambda r: r["state"] in ("active", "rolled-back", "failed"))[0]
+        assert row["model_version"] == 1 and score(row) == {"version": 1}
+
+
+@needs_agent
+def test_broker_restart_and_an_agent_killed_mid_install(
+        mqtt_broker: Any, bundle_server: Any, agents: Any, signing_key: SigningKey, tmp_path: Path) -> None:
+    fleet = agents(4)
+    ids = [a.device_id for a in fleet]
+    v1 = script_bundle(tmp_path / "v1.edb", signing_key, 1)
+    with FleetController(mqtt_broker.url) as ctl:
+        wait_fleet(ctl, ids, lambda r: r["online"], timeout=120)
+        rollout_id = ctl.rollout(v1, "all", bundle_server.url, canary=1, wave="1", wave_timeout=120)
+        victim = fleet[0]  # the canary: ordered already, now installing (or about to)
+        victim.kill()
+    mqtt_broker.restart(down_for=0.5)
+    victim.start()
+    with FleetController(mqtt_broker.url) as ctl:
+        status = ctl.resume(rollout_id, timeout=150)
+        assert status["state"] == "succeeded" and status["succeeded"] == 4, status
+        rows = wait_fleet(ctl, ids, lambda r: r["state"] == "active" and r["model_version"] == 1)
+        assert all(score(r) == {"version": 1} for r in rows)
