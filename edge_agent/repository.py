@@ -76,17 +76,33 @@ class ModelRepository:
         self._lock = asyncio.Lock()
 
     async def load_bundle(self, bundle_path: Path, name: str | None = None) -> ModelInfo:
-        """Verify and unpack ``bundle_path``, then load it (replacing a model of the same name)."""
-        staging = self.workdir / "models" / f"incoming-{next(self._counter)}-{Path(bundle_path).stem}"
-        manifest = await asyncio.to_thread(open_bundle, Path(bundle_path), staging, self.trust)
-        final = self.workdir / "models" / _safe(name or manifest.name) / f"{manifest.version or 0}-{staging.name}"
-        final.parent.mkdir(parents=True, exist_ok=True)
+        """Verify and unpack ``bundle_path``, then load it (replacing a model of the same name).
+
+        The bundle unpacks into a fresh ``workdir/models/<name>/<version>-<n>`` folder, never over
+        the folder of a version that is serving.
+        """
+        staging = self._fresh(self.workdir / "models" / ".staging" / Path(bundle_path).stem[:60])
+        try:
+            manifest = await asyncio.to_thread(open_bundle, Path(bundle_path), staging, self.trust)
+        finally:
+            with contextlib.suppress(OSError):
+                staging.parent.rmdir()  # only when nothing else is staging
+        tag = str(manifest.version) if manifest.version is not None else str(manifest.model.get("sha256", "0"))[:12]
+        final = self._fresh(self.workdir / "models" / _safe(name or manifest.name) / tag)
         staging.rename(final)
         try:
             return await self.load_dir(final, name, owned=True)
         except BaseException:
             shutil.rmtree(final, ignore_errors=True)
             raise
+
+    def _fresh(self, stem: Path) -> Path:
+        """``stem-<n>`` for the first n whose folder does not exist yet (parent created)."""
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            candidate = stem.with_name(f"{stem.name}-{next(self._counter)}")
+            if not candidate.exists():
+                return candidate
 
     async def load_dir(self, bundle_dir: Path, name: str | None = None, owned: bool = False) -> ModelInfo:
         """Load an unpacked, already verified bundle folder (an agent's slot, say)."""
