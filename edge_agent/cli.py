@@ -158,7 +158,8 @@ async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
     stop = stop or _stop_on_signals()
     assert config.workdir is not None
     config.workdir.mkdir(parents=True, exist_ok=True)
-    repository = ModelRepository(config.workdir, trust=_trust(config))
+    metrics = MetricsRegistry()
+    repository = ModelRepository(config.workdir, trust=_trust(config), metrics=metrics)
     app = None
     try:
         await repository.load_bundle(config.bundle, name=config.name)
@@ -166,7 +167,7 @@ async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
         if failure:
             _write_state(config, ready=False, error=failure)
             raise EdgeDeployError(failure)
-        app = ServingApp(DataPlane(repository, MetricsRegistry()), _serving_config(ServingConfig, config))
+        app = ServingApp(DataPlane(repository, metrics), _serving_config(ServingConfig, config))
         await app.start()
         _write_state(config, ready=True, http_port=app.http_port, grpc_port=app.grpc_port,
                      models=repository.index())
