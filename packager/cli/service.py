@@ -65,8 +65,16 @@ def _show(args: argparse.Namespace) -> int:
     else:
         width = max(len(key) for key in document)
         for key, value in document.items():
-            print(f"{key.ljust(width)}  {'-' if value is None else value}")
+            print(f"{key.ljust(width)}  {_text(value)}")
     return 0
+
+
+def _text(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_text(v)}" for k, v in sorted(value.items())) or "-"
+    return str(value)
 
 
 def _logs(args: argparse.Namespace) -> int:
@@ -75,10 +83,8 @@ def _logs(args: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    if args.regenerate:
-        keys = services.regenerate_key(args.name, args.regenerate)
-    else:
-        keys = services.get_keys(args.name)
+    which = args.regenerate
+    keys = services.regenerate_key(args.name, which) if which else services.get_keys(args.name)
     if args.json:
         print_json(keys)
     else:
