@@ -9,13 +9,20 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from edge_agent.runtime.base import BACKENDS, LoadedModel, ModelInfo, load_model
+from edge_agent.runtime.base import BACKENDS, CURRENT_MODEL_DIR, LoadedModel, ModelInfo, load_model
 
 __all__ = ["BACKENDS", "LoadedModel", "ModelInfo", "get_model_dir", "load_model"]
 
 
 def get_model_dir() -> Path:
-    """The folder holding the current entry script's model files (set while its model loads)."""
+    """The folder holding the calling entry script's model files (``<bundle>/model``).
+
+    Inside ``init()`` and ``run()`` this is the folder of the model being called, even with
+    several entry-script models loaded; elsewhere it falls back to ``EDGEDEPLOY_MODEL_DIR``.
+    """
+    current = CURRENT_MODEL_DIR.get()
+    if current is not None:
+        return current
     value = os.environ.get("EDGEDEPLOY_MODEL_DIR") or os.environ.get("AZUREML_MODEL_DIR")
     if not value:
         raise RuntimeError("no model is being served: EDGEDEPLOY_MODEL_DIR is not set")

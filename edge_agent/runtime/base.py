@@ -6,6 +6,7 @@ which backend runs: they go through the data plane, which calls ``infer`` or ``s
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,10 @@ from packager.bundle import BundleManifest
 from packager.errors import BundleError
 from packager.tensors import TensorSpec
 
-__all__ = ["BACKENDS", "LoadedModel", "ModelInfo", "load_model", "validate_inputs"]
+__all__ = ["BACKENDS", "CURRENT_MODEL_DIR", "LoadedModel", "ModelInfo", "load_model", "validate_inputs"]
+
+# the model folder of the entry script being called (init/run), read by runtime.get_model_dir()
+CURRENT_MODEL_DIR: contextvars.ContextVar[Path | None] = contextvars.ContextVar("edgedeploy_model_dir", default=None)
 
 # backend name (manifest.runtime["backend"]) -> module defining load(bundle_dir, manifest, info)
 BACKENDS = {

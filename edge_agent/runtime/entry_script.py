@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.runtime.base import ModelInfo
+from edge_agent.runtime.base import CURRENT_MODEL_DIR, ModelInfo
 from packager.bundle import BundleManifest
 from packager.errors import BundleError, InferenceError, InvalidInputError, ModelNotReadyError
 
@@ -103,11 +103,14 @@ class EntryScriptModel:
         init = getattr(self.module, "init", None)
         if not callable(init):
             return
+        token = CURRENT_MODEL_DIR.set(self.info.bundle_dir / "model")
         try:
             init()
         except Exception as exc:  # noqa: BLE001 - any failure of user code makes the model not ready
             self.failure = f"init() failed: {type(exc).__name__}: {exc}"
             log.error("model %s: %s", self.info.name, self.failure)
+        finally:
+            CURRENT_MODEL_DIR.reset(token)
 
     def score(self, body: Any, content_type: str) -> Any:
         if self.failure:
@@ -125,6 +128,7 @@ class EntryScriptModel:
         return self._call(document)
 
     def _call(self, *args: Any, **kwargs: Any) -> Any:
+        token = CURRENT_MODEL_DIR.set(self.info.bundle_dir / "model")
         try:
             return _jsonable(self._run(*args, **kwargs))
         except TypeError as exc:
@@ -135,6 +139,8 @@ class EntryScriptModel:
             raise
         except Exception as exc:  # noqa: BLE001 - user code: answer 500 with its message, keep serving
             raise InferenceError(f"run() failed: {type(exc).__name__}: {exc}") from None
+        finally:
+            CURRENT_MODEL_DIR.reset(token)
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if len(inputs) == 1 and self._schema is None:
