@@ -1,0 +1,159 @@
+"""The fleet agent's configuration: ``agent.yaml`` loaded and checked against a JSON schema.
+
+The keys are a contract (see CLI.md). Unknown keys are an error that names the key, so a typo
+never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import jsonschema
+import yaml
+
+from packager.errors import NotFoundError, ValidationError
+from packager.fleet_messages import DEFAULT_PREFIX, check_device_id
+
+__all__ = ["AGENT_CONFIG_SCHEMA", "AgentConfig", "load_agent_config", "parse_agent_config"]
+
+log = logging.getLogger(__name__)
+
+_PORT = {"type": "integer", "minimum": 0, "maximum": 65535}
+_STR_LIST = {"type": "array", "items": {"type": "string", "minLength": 1}}
+
+AGENT_CONFIG_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["device_id", "broker", "data_dir"],
+    "properties": {
+        "device_id": {"type": "string", "minLength": 1},
+        "profile": {"type": "string"},
+        "groups": _STR_LIST,
+        "tags": {"type": "object", "additionalProperties": {"type": ["string", "number", "boolean"]}},
+        "broker": {"type": "string", "pattern": "^mqtts?://"},
+        "username": {"type": ["string", "null"]},
+        "password": {"type": ["string", "null"]},
+        "ca_file": {"type": ["string", "null"]},
+        "data_dir": {"type": "string", "minLength": 1},
+        "trusted_keys": _STR_LIST,
+        "http_port": _PORT,
+        "grpc_port": _PORT,
+        "host": {"type": "string", "minLength": 1},
+        "telemetry_period_s": {"type": "number", "exclusiveMinimum": 0},
+        "telemetry_queue_max": {"type": "integer", "minimum": 1},
+        "topic_prefix": {"type": "string", "minLength": 1},
+        "max_download_bytes": {"type": "integer", "minimum": 1},
+        "keys_file": {"type": ["string", "null"]},
+        "auth_enabled": {"type": "boolean"},
+        "keepalive_s": {"type": "integer", "minimum": 5},
+        "reconnect_min_s": {"type": "number", "exclusiveMinimum": 0},
+        "reconnect_max_s": {"type": "number", "exclusiveMinimum": 0},
+        "log_level": {"enum": ["DEBUG", "INFO", "WARNING", "ERROR"]},
+    },
+}
+
+
+@dataclass
+class AgentConfig:
+    """One device's agent settings (paths resolved against the config file's folder)."""
+
+    device_id: str
+    broker: str
+    data_dir: Path
+    profile: str = "cpu-x86_64"
+    groups: list[str] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
+    username: str | None = None
+    password: str | None = None
+    ca_file: Path | None = None
+    trusted_keys: list[Path] = field(default_factory=list)
+    http_port: int = 8001
+    grpc_port: int = 8002
+    host: str = "127.0.0.1"
+    telemetry_period_s: float = 30.0
+    telemetry_queue_max: int = 1000
+    topic_prefix: str = DEFAULT_PREFIX
+    max_download_bytes: int = 2 * 1024 * 1024 * 1024
+    keys_file: Path | None = None
+    auth_enabled: bool = False
+    keepalive_s: int = 30
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 30.0
+    log_level: str = "INFO"
+
+    @property
+    def broker_host(self) -> str:
+        """Host name of the broker URL."""
+        return urlsplit(self.broker).hostname or "127.0.0.1"
+
+    @property
+    def broker_port(self) -> int:
+        """Port of the broker URL (1883, or 8883 for mqtts)."""
+        return urlsplit(self.broker).port or (8883 if self.broker_tls else 1883)
+
+    @property
+    def broker_tls(self) -> bool:
+        """True for ``mqtts://``."""
+        return self.broker.startswith("mqtts://")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able view (the password is masked)."""
+        doc = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+        doc["trusted_keys"] = [str(p) for p in self.trusted_keys]
+        if doc.get("password"):
+            doc["password"] = "***"
+        return doc
+
+
+def _schema_error(error: jsonschema.ValidationError, source: str) -> ValidationError:
+    if error.validator == "additionalProperties":
+        known = set(AGENT_CONFIG_SCHEMA["properties"])
+        unknown = sorted(set(error.instance) - known) if isinstance(error.instance, dict) else []
+        if unknown and not error.path:
+            return ValidationError(f"{source}: unknown key {unknown[0]!r} "
+                                   f"(known keys: {', '.join(sorted(known))})")
+    where = ".".join(str(p) for p in error.path) or "(top level)"
+    return ValidationError(f"{source}: {where}: {error.message}")
+
+
+def parse_agent_config(document: Any, base: Path | None = None, source: str = "agent config") -> AgentConfig:
+    """Validate a loaded YAML document and build the config; ValidationError says what is wrong."""
+    if not isinstance(document, dict):
+        raise ValidationError(f"{source}: expected a mapping of keys, got {type(document).__name__}")
+    errors = sorted(jsonschema.Draft202012Validator(AGENT_CONFIG_SCHEMA).iter_errors(document),
+                    key=lambda e: (len(e.path), e.validator != "additionalProperties"))
+    if errors:
+        raise _schema_error(errors[0], source)
+    check_device_id(document["device_id"])
+    base = base or Path.cwd()
+
+    def path(value: str | None) -> Path | None:
+        return None if value is None else (base / Path(value).expanduser())
+
+    values = dict(document)
+    values["data_dir"] = path(values["data_dir"])
+    values["trusted_keys"] = [path(p) for p in values.get("trusted_keys", [])]
+    for key in ("ca_file", "keys_file"):
+        if values.get(key) is not None:
+            values[key] = path(values[key])
+    values["tags"] = {str(k): str(v) for k, v in (values.get("tags") or {}).items()}
+    config = AgentConfig(**values)
+    if config.reconnect_max_s < config.reconnect_min_s:
+        raise ValidationError(f"{source}: reconnect_max_s must be >= reconnect_min_s")
+    return config
+
+
+def load_agent_config(path: Path | str) -> AgentConfig:
+    """Read and validate ``agent.yaml``; NotFoundError / ValidationError on a bad file."""
+    path = Path(path)
+    if not path.is_file():
+        raise NotFoundError(f"agent config {path} does not exist")
+    try:
+        document = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValidationError(f"{path}: not valid YAML: {exc}") from None
+    return parse_agent_config(document, base=path.resolve().parent, source=str(path))

@@ -1,0 +1,223 @@
+"""The bundle store on a device: two slots (A/B) and a persisted deployment state machine.
+
+Layout under ``data_dir``::
+
+    slots/a/, slots/b/         unpacked, verified bundles (manifest.json is written last)
+    store.json                 which slot is active and which is the previous (last good) one
+    deployment.json            the current deployment: state, order, target slot, error
+    downloads/<sha>.part       partial downloads (resumed with Range)
+
+``store.json`` is the commit point: a bundle is live once it is written there. The deployment
+state is written (atomically) *before* each step is entered, so after a kill -9 :meth:`recover`
+knows what was going on and resolves it to a complete slot, never a half-installed one.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from packager.atomic import atomic_write_json, read_json
+from packager.bundle import load_extracted
+from packager.errors import BundleError, DeploymentError
+
+__all__ = ["IN_PROGRESS", "SLOTS", "TRANSITIONS", "BundleStore", "DeployState", "Event", "next_state"]
+
+log = logging.getLogger(__name__)
+
+SLOTS = ("a", "b")
+
+
+class DeployState(enum.StrEnum):
+    """States of one deployment on the device (the ``state`` of a reported message)."""
+
+    IDLE = "idle"
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    INSTALLING = "installing"
+    HEALTH_CHECKING = "health-checking"
+    ACTIVE = "active"
+    FAILED = "failed"
+    ROLLED_BACK = "rolled-back"
+
+
+class Event(enum.StrEnum):
+    """What happened to move a deployment on."""
+
+    START = "start"        # a new desired state arrived
+    OK = "ok"              # the current step succeeded
+    FAIL = "fail"          # the current step failed; the last good bundle still serves
+    RESTORE = "restore"    # an interrupted or failed deployment was undone to the last good bundle
+    REMOVE = "remove"      # the controller removed the model
+
+
+S, E = DeployState, Event
+# The one transition table: (state, event) -> next state. Anything else is a bug.
+TRANSITIONS: dict[DeployState, dict[Event, DeployState]] = {
+    S.IDLE: {E.START: S.DOWNLOADING, E.REMOVE: S.IDLE},
+    S.DOWNLOADING: {E.OK: S.VERIFYING, E.FAIL: S.FAILED, E.RESTORE: S.ROLLED_BACK},
+    S.VERIFYING: {E.OK: S.INSTALLING, E.FAIL: S.FAILED, E.RESTORE: S.ROLLED_BACK},
+    S.INSTALLING: {E.OK: S.HEALTH_CHECKING, E.FAIL: S.FAILED, E.RESTORE: S.ROLLED_BACK},
+    S.HEALTH_CHECKING: {E.OK: S.ACTIVE, E.FAIL: S.FAILED, E.RESTORE: S.ROLLED_BACK},
+    S.ACTIVE: {E.START: S.DOWNLOADING, E.REMOVE: S.IDLE},
+    S.FAILED: {E.START: S.DOWNLOADING, E.RESTORE: S.ROLLED_BACK, E.REMOVE: S.IDLE},
+    S.ROLLED_BACK: {E.START: S.DOWNLOADING, E.REMOVE: S.IDLE},
+}
+IN_PROGRESS = (S.DOWNLOADING, S.VERIFYING, S.INSTALLING, S.HEALTH_CHECKING)
+del S, E
+
+
+def next_state(state: DeployState, event: Event) -> DeployState:
+    """The successor of ``state`` on ``event``; DeploymentError for a move the table forbids."""
+    try:
+        return TRANSITIONS[state][event]
+    except KeyError:
+        raise DeploymentError(f"no transition from {state.value!r} on {event.value!r}") from None
+
+
+class BundleStore:
+    """A/B slots plus the persisted deployment record of one device."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.root = Path(data_dir)
+        self.slots_dir = self.root / "slots"
+        self.downloads = self.root / "downloads"
+        self._store_file = self.root / "store.json"
+        self._deploy_file = self.root / "deployment.json"
+        self.slots_dir.mkdir(parents=True, exist_ok=True)
+        self.downloads.mkdir(parents=True, exist_ok=True)
+        self.pointers: dict[str, Any] = self._read(self._store_file, {"active": None, "previous": None})
+        self.deployment: dict[str, Any] = self._read(self._deploy_file, {"state": DeployState.IDLE.value})
+
+    @staticmethod
+    def _read(path: Path, default: dict[str, Any]) -> dict[str, Any]:
+        if not path.is_file():
+            return dict(default)
+        try:
+            doc = read_json(path)
+        except (OSError, ValueError):
+            log.warning("%s is unreadable; starting from defaults", path)
+            return dict(default)
+        return doc if isinstance(doc, dict) else dict(default)
+
+    # --- state ---------------------------------------------------------------------------------
+    @property
+    def state(self) -> DeployState:
+        """The persisted state of the current (or last) deployment."""
+        return DeployState(self.deployment.get("state", "idle"))
+
+    @property
+    def active(self) -> dict[str, Any] | None:
+        """The committed live bundle: {slot, bundle_sha256, bundle_url, model, deployment_id}."""
+        return self.pointers.get("active")
+
+    @property
+    def previous(self) -> dict[str, Any] | None:
+        """The last good bundle before the active one (it keeps its slot until the next install)."""
+        return self.pointers.get("previous")
+
+    def slot_path(self, slot: str) -> Path:
+        """Folder of slot ``a`` or ``b``."""
+        if slot not in SLOTS:
+            raise DeploymentError(f"unknown slot {slot!r}")
+        return self.slots_dir / slot
+
+    def inactive_slot(self) -> str:
+        """The slot a new bundle installs into: never the active one."""
+        active = (self.active or {}).get("slot")
+        return "b" if active == "a" else "a"
+
+    def begin(self, order: dict[str, Any]) -> DeployState:
+        """Start a deployment of ``order`` (a desired message); persisted before downloading."""
+        state = next_state(self.state, Event.START)
+        self.deployment = {"state": state.value, "deployment_id": order.get("deployment_id"),
+                           "order": order, "slot": self.inactive_slot(), "error": None,
+                           "from": self.state.value, "ts": time.time()}
+        self._save_deployment()
+        return state
+
+    def advance(self, event: Event, error: str | None = None) -> DeployState:
+        """Move on by ``event`` and persist the new state before the caller enters it."""
+        state = next_state(self.state, event)
+        self.deployment.update(state=state.value, error=error if error is not None else self.deployment.get("error"),
+                               ts=time.time())
+        self._save_deployment()
+        return state
+
+    def _save_deployment(self) -> None:
+        atomic_write_json(self._deploy_file, self.deployment)
+
+    # --- slots ---------------------------------------------------------------------------------
+    def prepare_slot(self, slot: str) -> Path:
+        """Empty ``slot`` for a fresh install (refuses the active slot)."""
+        if slot == (self.active or {}).get("slot"):
+            raise DeploymentError(f"slot {slot} is active; refusing to overwrite it")
+        path = self.slot_path(slot)
+        shutil.rmtree(path, ignore_errors=True)
+        if self.previous and self.previous.get("slot") == slot:
+            self.pointers["previous"] = dict(self.previous, slot=None)  # its files are gone now
+        return path
+
+    def slot_complete(self, slot: str | None) -> bool:
+        """True when ``slot`` holds a fully unpacked bundle (its manifest, written last, is there)."""
+        if not slot:
+            return False
+        try:
+            load_extracted(self.slot_path(slot))
+        except BundleError:
+            return False
+        return True
+
+    def commit(self, slot: str, info: dict[str, Any]) -> None:
+        """Make ``slot`` the active bundle (the commit point), keeping the old one as previous."""
+        old = self.active
+        self.pointers = {"active": dict(info, slot=slot), "previous": old}
+        atomic_write_json(self._store_file, self.pointers)
+
+    def remove_active(self) -> None:
+        """Forget the active bundle (the controller removed the model); it becomes the previous."""
+        self.pointers = {"active": None, "previous": self.active}
+        atomic_write_json(self._store_file, self.pointers)
+
+    def recover(self) -> DeployState:
+        """Resolve an interrupted deployment after a crash; returns the resulting state.
+
+        Committed (store.json names the order's bundle) → ``active``; anything else in progress →
+        the half-written slot is removed and the state is ``rolled-back`` with the reason.
+        A corrupt active slot falls back to the previous slot when that one is complete.
+        """
+        state = self.state
+        if state in IN_PROGRESS:
+            order = self.deployment.get("order") or {}
+            active = self.active or {}
+            if active.get("bundle_sha256") and active.get("bundle_sha256") == order.get("bundle_sha256"):
+                log.info("deployment %s had been committed before the restart", self.deployment.get("deployment_id"))
+                self.deployment.update(state=DeployState.ACTIVE.value, error=None, ts=time.time())
+                self._save_deployment()
+            else:
+                slot = self.deployment.get("slot")
+                if slot and slot != active.get("slot"):
+                    shutil.rmtree(self.slot_path(slot), ignore_errors=True)
+                reason = f"interrupted while {state.value}; restored the last good bundle"
+                log.warning("deployment %s %s", self.deployment.get("deployment_id"), reason)
+                self.deployment["interrupted"] = True
+                self.advance(Event.RESTORE, reason)
+        self._check_active_slot()
+        return self.state
+
+    def _check_active_slot(self) -> None:
+        active = self.active
+        if active is None or self.slot_complete(active.get("slot")):
+            return
+        previous = self.previous
+        if previous is not None and self.slot_complete(previous.get("slot")):
+            log.error("active slot %s is incomplete; falling back to the previous bundle", active.get("slot"))
+            self.pointers = {"active": previous, "previous": None}
+        else:
+            log.error("active slot %s is incomplete and no previous bundle is left", active.get("slot"))
+            self.pointers = {"active": None, "previous": None}
+        atomic_write_json(self._store_file, self.pointers)
