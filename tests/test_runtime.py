@@ -218,3 +218,41 @@ def test_cnn_and_samples(tmp_path: Path, signing_key: SigningKey, trust: TrustSt
             await repository.close()
 
     asyncio.run(main())
+
+
+def test_unknown_backend_is_refused_with_the_known_ones(tmp_path: Path, signing_key: SigningKey,
+                                                        trust: TrustStore, digits_mlp: Path) -> None:
+    from packager.bundle import read_manifest
+    from packager.errors import BundleError
+
+    bundle = make_bundle(tmp_path / "m.edb", signing_key, digits_mlp)
+    manifest, _ = read_manifest(bundle, trust)
+    manifest.runtime["backend"] = "tflite"
+    payload = {"model/model.onnx": digits_mlp}
+    write_bundle(tmp_path / "t.edb", manifest, payload, signing_key)
+
+    async def main() -> None:
+        repository = ModelRepository(tmp_path / "work", trust)
+        try:
+            with pytest.raises(BundleError, match="tflite.*onnxruntime"):
+                await repository.load_bundle(tmp_path / "t.edb")
+            assert repository.index() == []
+        finally:
+            await repository.close()
+
+    asyncio.run(main())
+
+
+def test_metrics_histogram_percentiles_and_batches_are_consistent() -> None:
+    metrics = MetricsRegistry()
+    for ms in range(1, 101):
+        metrics.observe("m", float(ms), ok=ms % 10 != 0)
+    metrics.observe_batch("m", 4)
+    metrics.observe_batch("m", 8)
+    summary = metrics.snapshot()["m"]
+    assert summary["requests"] == 100 and summary["errors"] == 10
+    assert 49 <= summary["p50_ms"] <= 51 and 94 <= summary["p95_ms"] <= 96 and 98 <= summary["p99_ms"] <= 100
+    assert summary["batches"] == 2 and summary["mean_batch_size"] == 6
+    cumulative, total, count, errors = metrics.histograms()["m"]
+    assert cumulative[-1] == count == 100 and errors == 10 and total == sum(range(1, 101))
+    assert cumulative == sorted(cumulative) and cumulative[2] == 1  # only 1 ms falls in the <= 1 ms bucket

@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from edge_agent.runtime.base import BACKENDS, CURRENT_MODEL_DIR, LoadedModel, ModelInfo, load_model
+from edge_agent.runtime.base import BACKENDS, CURRENT_MODEL_DIR, LoadedModel, ModelInfo, load_model, register_backend
 
-__all__ = ["BACKENDS", "LoadedModel", "ModelInfo", "get_model_dir", "load_model"]
+__all__ = ["BACKENDS", "LoadedModel", "ModelInfo", "get_model_dir", "load_model", "register_backend"]
 
 
 def get_model_dir() -> Path:

@@ -18,7 +18,8 @@ from packager.bundle import BundleManifest
 from packager.errors import BundleError
 from packager.tensors import TensorSpec
 
-__all__ = ["BACKENDS", "CURRENT_MODEL_DIR", "LoadedModel", "ModelInfo", "load_model", "validate_inputs"]
+__all__ = ["BACKENDS", "CURRENT_MODEL_DIR", "LoadedModel", "ModelInfo", "ModelSpecs", "load_model", "register_backend",
+           "validate_inputs"]
 
 # the model folder of the entry script being called (init/run), read by runtime.get_model_dir()
 CURRENT_MODEL_DIR: contextvars.ContextVar[Path | None] = contextvars.ContextVar("edgedeploy_model_dir", default=None)
@@ -44,10 +45,44 @@ class ModelInfo:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-class LoadedModel(Protocol):
-    """A model ready to answer. ``infer`` takes and returns named arrays; ``score`` serves ``/score``."""
+def register_backend(name: str, module: str) -> None:
+    """Make ``manifest.runtime["backend"] == name`` load with ``module`` (which defines ``load``).
+
+    A backend is one module with ``load(bundle_dir, manifest, info) -> LoadedModel``.
+    """
+    BACKENDS[name] = module
+
+
+class ModelSpecs:
+    """Mixin for backends: ``inputs``/``outputs`` read through to ``info``."""
 
     info: ModelInfo
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        """The model's input specs."""
+        return self.info.inputs
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        """The model's output specs."""
+        return self.info.outputs
+
+
+class LoadedModel(Protocol):
+    """A model ready to answer. ``infer`` takes and returns named arrays; ``score`` serves ``/score``.
+
+    ``info.inputs``/``info.outputs`` (also ``inputs``/``outputs``) are its TensorSpecs; an entry
+    script without declared tensors has none, and its requests skip tensor validation.
+    """
+
+    info: ModelInfo
+
+    @property
+    def inputs(self) -> list[TensorSpec]: ...
+
+    @property
+    def outputs(self) -> list[TensorSpec]: ...
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 

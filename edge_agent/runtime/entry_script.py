@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.runtime.base import CURRENT_MODEL_DIR, ModelInfo
+from edge_agent.runtime.base import CURRENT_MODEL_DIR, ModelInfo, ModelSpecs
 from packager.bundle import BundleManifest
 from packager.errors import BundleError, InferenceError, InvalidInputError, ModelNotReadyError
 
@@ -86,7 +86,7 @@ def _import_script(path: Path, source_dir: Path, module_name: str) -> ModuleType
     return module
 
 
-class EntryScriptModel:
+class EntryScriptModel(ModelSpecs):
     """A loaded entry script. ``failure`` holds the error when ``init()`` raised (model not ready)."""
 
     def __init__(self, module: ModuleType, info: ModelInfo) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from edge_agent.runtime.base import ModelInfo, validate_inputs
+from edge_agent.runtime.base import ModelInfo, ModelSpecs, validate_inputs
 from packager.bundle import BundleManifest
 from packager.errors import BundleError, InvalidInputError
 
@@ -57,7 +57,7 @@ def _intra_op_threads() -> int:
     return max(1, min(os.cpu_count() or 1, 4))
 
 
-class OnnxModel:
+class OnnxModel(ModelSpecs):
     """One onnxruntime session; ``infer`` is safe to call from several threads."""
 
     def __init__(self, path: Path, info: ModelInfo, providers: list[str]) -> None:
