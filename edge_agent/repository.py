@@ -108,7 +108,7 @@ class ModelRepository:
         """Load an unpacked, already verified bundle folder (an agent's slot, say)."""
         manifest = load_extracted(bundle_dir)
         name = name or manifest.name
-        model = await asyncio.to_thread(load_model, Path(bundle_dir), manifest, name)
+        model = await asyncio.to_thread(load_model, Path(bundle_dir), manifest, name, self.workdir)
         failure = getattr(model, "failure", None)
         entry = ModelEntry(name, ModelState.UNAVAILABLE if failure else ModelState.READY, model, failure,
                            Path(bundle_dir), owned)

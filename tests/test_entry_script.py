@@ -100,7 +100,7 @@ def test_pickled_sklearn_script_scores_json_and_bytes(tmp_path: Path, signing_ke
                 await plane.score("sk", {"data": "boom"})
             again = await plane.score("sk", b'{"data": ' + str(x[:1].tolist()).encode() + b"}", "application/json")
             assert again["labels"] == estimator.predict(x[:1]).tolist()
-            assert not (tmp_path / "work" / "models" / "sk" / "deps").exists()  # requirements already satisfied
+            assert not (tmp_path / "work" / "deps").exists()  # requirements already satisfied
             assert plane.metrics.snapshot()["sk"]["errors"] == 1
         finally:
             await repository.close()
@@ -189,3 +189,24 @@ def test_unsatisfied_requirements_fail_clearly_when_pip_cannot_install(tmp_path:
     requirements.write_text("numpy\npackaging>=20\n")
     assert ensure_requirements(requirements, tmp_path / "deps") is None
     assert not (tmp_path / "deps").exists()
+
+
+def test_replacing_a_script_imports_the_new_versions_helpers(tmp_path: Path, signing_key: SigningKey) -> None:
+    def bundle(version: int, factor: int) -> Path:
+        return make_bundle(tmp_path / f"v{version}.edb", signing_key, None, name="scaled", version=version,
+                           entry={"src/score.py": "from helpers.prep import FACTOR\n\n"
+                                                  "def run(data):\n    return [x * FACTOR for x in data]\n",
+                                  "src/helpers/__init__.py": "", "src/helpers/prep.py": f"FACTOR = {factor}\n"})
+
+    async def main() -> None:
+        plane, repository = loaded(tmp_path, signing_key, {})
+        await repository.load_bundle(bundle(1, 2))
+        try:
+            assert await plane.score("scaled", {"data": [1, 2]}) == [2, 4]
+            await repository.load_bundle(bundle(2, 10))
+            assert await plane.score("scaled", {"data": [1, 2]}) == [10, 20]
+            assert plane.model_metadata("scaled")["versions"] == ["2"]
+        finally:
+            await repository.close()
+
+    asyncio.run(main())

@@ -43,6 +43,7 @@ class ModelInfo:
     bundle_dir: Path
     manifest: BundleManifest
     details: dict[str, Any] = field(default_factory=dict)
+    workdir: Path | None = None  # the agent's working folder (entry-script requirements go to workdir/deps)
 
 
 def register_backend(name: str, module: str) -> None:
@@ -93,7 +94,8 @@ class LoadedModel(Protocol):
     def unload(self) -> None: ...
 
 
-def load_model(bundle_dir: Path, manifest: BundleManifest, name: str | None = None) -> LoadedModel:
+def load_model(bundle_dir: Path, manifest: BundleManifest, name: str | None = None,
+               workdir: Path | None = None) -> LoadedModel:
     """Load ``bundle_dir`` with the backend its manifest names."""
     backend = str(manifest.runtime.get("backend"))
     module_name = BACKENDS.get(backend)
@@ -101,7 +103,7 @@ def load_model(bundle_dir: Path, manifest: BundleManifest, name: str | None = No
         raise BundleError(f"this agent cannot run backend {backend!r} (it runs: {', '.join(sorted(BACKENDS))})")
     version = str(manifest.version) if manifest.version is not None else manifest.model.get("sha256", "")[:12]
     info = ModelInfo(name or manifest.name, version or "1", backend, list(manifest.inputs), list(manifest.outputs),
-                     Path(bundle_dir), manifest)
+                     Path(bundle_dir), manifest, workdir=workdir)
     model: LoadedModel = importlib.import_module(module_name).load(Path(bundle_dir), manifest, info)
     return model
 

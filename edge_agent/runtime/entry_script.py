@@ -11,6 +11,7 @@ the bundle's source folder is importable.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -19,6 +20,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -33,6 +35,7 @@ __all__ = ["EntryScriptModel", "ensure_requirements", "load"]
 
 log = logging.getLogger(__name__)
 _ENV_LOCK = threading.Lock()
+_MODULE_PREFIX = "edgedeploy_entry_"
 
 
 def _unsatisfied(requirements: Path) -> list[str]:
@@ -74,9 +77,7 @@ def ensure_requirements(requirements: Path, deps_root: Path) -> Path | None:
     return target
 
 
-def _import_script(path: Path, source_dir: Path, module_name: str) -> ModuleType:
-    if str(source_dir) not in sys.path:
-        sys.path.insert(0, str(source_dir))
+def _import_script(path: Path, module_name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
         raise BundleError(f"cannot import entry script {path.name}")
@@ -84,6 +85,26 @@ def _import_script(path: Path, source_dir: Path, module_name: str) -> ModuleType
     sys.modules[module_name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@contextlib.contextmanager
+def _importable(source_dir: Path) -> Iterator[None]:
+    """``source_dir`` on sys.path while the script imports and initialises; afterwards its modules
+    leave ``sys.modules`` again (the script keeps its references), so the next version of the same
+    bundle imports its own ``helpers`` rather than the cached ones of the version it replaces."""
+    before = set(sys.modules)
+    sys.path.insert(0, str(source_dir))
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(str(source_dir))
+        for name in set(sys.modules) - before:
+            if name.startswith(_MODULE_PREFIX):
+                continue  # the entry script itself stays importable by name (pickles may refer to it)
+            origin = getattr(sys.modules.get(name), "__file__", None) or ""
+            if origin and Path(origin).resolve().is_relative_to(source_dir.resolve()):
+                sys.modules.pop(name, None)
 
 
 class EntryScriptModel(ModelSpecs):
@@ -198,19 +219,22 @@ def load(bundle_dir: Path, manifest: BundleManifest, info: ModelInfo) -> EntrySc
         raise BundleError("the bundle names the entry-script backend but carries no entry script")
     source_dir = bundle_dir / str(entry.get("source_dir") or Path(str(entry["script"])).parent)
     if entry.get("requirements"):
-        deps = ensure_requirements(bundle_dir / str(entry["requirements"]), bundle_dir.parent / "deps")
+        deps_root = (info.workdir or bundle_dir.parent) / "deps"
+        deps = ensure_requirements(bundle_dir / str(entry["requirements"]), deps_root)
         if deps is not None and str(deps) not in sys.path:
             sys.path.insert(0, str(deps))
     model_dir = bundle_dir / "model"
-    with _ENV_LOCK:
+    with _ENV_LOCK, _importable(source_dir):
         os.environ["AZUREML_MODEL_DIR"] = str(model_dir)
         os.environ["EDGEDEPLOY_MODEL_DIR"] = str(model_dir)
-        module_name = f"edgedeploy_entry_{hashlib.sha256(str(bundle_dir).encode()).hexdigest()[:12]}"
+        module_name = f"{_MODULE_PREFIX}{hashlib.sha256(str(bundle_dir).encode()).hexdigest()[:12]}"
         try:
-            model = EntryScriptModel(_import_script(script, source_dir, module_name), info)
+            model = EntryScriptModel(_import_script(script, module_name), info)
         except BundleError:
+            sys.modules.pop(module_name, None)
             raise
         except Exception as exc:  # noqa: BLE001 - an import error in user code: refuse the bundle
+            sys.modules.pop(module_name, None)
             raise BundleError(f"importing entry script {script.name} failed: {type(exc).__name__}: {exc}") from None
         model.call_init()
     info.platform = "entry-script"
