@@ -53,6 +53,7 @@ class Event(enum.StrEnum):
     FAIL = "fail"          # the current step failed; the last good bundle still serves
     RESTORE = "restore"    # an interrupted or failed deployment was undone to the last good bundle
     REMOVE = "remove"      # the controller removed the model
+    KEEP = "keep"          # the ordered bundle is the one already active: nothing to install
 
 
 S, E = DeployState, Event
@@ -63,9 +64,9 @@ TRANSITIONS: dict[DeployState, dict[Event, DeployState]] = {
     S.VERIFYING: {E.OK: S.INSTALLING, E.FAIL: S.FAILED, E.RESTORE: S.ROLLED_BACK},
     S.INSTALLING: {E.OK: S.HEALTH_CHECKING, E.FAIL: S.FAILED, E.RESTORE: S.ROLLED_BACK},
     S.HEALTH_CHECKING: {E.OK: S.ACTIVE, E.FAIL: S.FAILED, E.RESTORE: S.ROLLED_BACK},
-    S.ACTIVE: {E.START: S.DOWNLOADING, E.REMOVE: S.IDLE},
-    S.FAILED: {E.START: S.DOWNLOADING, E.RESTORE: S.ROLLED_BACK, E.REMOVE: S.IDLE},
-    S.ROLLED_BACK: {E.START: S.DOWNLOADING, E.REMOVE: S.IDLE},
+    S.ACTIVE: {E.START: S.DOWNLOADING, E.REMOVE: S.IDLE, E.KEEP: S.ACTIVE},
+    S.FAILED: {E.START: S.DOWNLOADING, E.RESTORE: S.ROLLED_BACK, E.REMOVE: S.IDLE, E.KEEP: S.ACTIVE},
+    S.ROLLED_BACK: {E.START: S.DOWNLOADING, E.REMOVE: S.IDLE, E.KEEP: S.ACTIVE},
 }
 IN_PROGRESS = (S.DOWNLOADING, S.VERIFYING, S.INSTALLING, S.HEALTH_CHECKING)
 del S, E
@@ -143,7 +144,8 @@ class BundleStore:
     def advance(self, event: Event, error: str | None = None) -> DeployState:
         """Move on by ``event`` and persist the new state before the caller enters it."""
         state = next_state(self.state, event)
-        self.deployment.update(state=state.value, error=error if error is not None else self.deployment.get("error"),
+        failing = event in (Event.FAIL, Event.RESTORE)
+        self.deployment.update(state=state.value, error=(error or self.deployment.get("error")) if failing else None,
                                ts=time.time())
         self._save_deployment()
         return state

@@ -1,0 +1,162 @@
+"""The agent's MQTT adapter (paho-mqtt 2.x): session, last will, desired-state subscription.
+
+It speaks MQTT 5 and falls back to 3.1.1 when the broker refuses the protocol version. The
+session is persistent (clean_start False plus a session expiry in v5, clean_session False in
+3.1.1) so QoS 1 desired states sent while the device was away are delivered. The last will marks
+the device offline (retained); on every connect it publishes ``online: true`` (retained) and
+re-subscribes. paho reconnects by itself with exponential backoff between the configured bounds.
+Incoming messages that are malformed, oversized or of an unknown kind are logged and dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from packager.errors import ValidationError
+from packager.fleet_messages import encode_message, parse_message, parse_topic, topic
+
+from .config import AgentConfig
+
+__all__ = ["SESSION_EXPIRY_S", "AgentLink"]
+
+log = logging.getLogger(__name__)
+SESSION_EXPIRY_S = 7 * 24 * 3600
+_BAD_PROTOCOL = (1, 132)  # 3.1.1 "unacceptable protocol version", v5 "unsupported protocol version"
+
+
+class AgentLink:
+    """One device's connection to the broker.
+
+    ``on_desired(message)`` is called (from paho's thread) with each valid desired state;
+    ``on_connected()`` after each successful (re)connect.
+    """
+
+    def __init__(self, config: AgentConfig, on_desired: Callable[[dict[str, Any]], None],
+                 on_connected: Callable[[], None] | None = None) -> None:
+        self.config = config
+        self.on_desired = on_desired
+        self.on_connected = on_connected
+        self.protocol = paho.MQTTv5
+        self.connected = threading.Event()
+        self._lock = threading.Lock()
+        self._client = self._make_client()
+
+    # --- set-up --------------------------------------------------------------------------------
+    def _topic(self, kind: str) -> str:
+        return topic(self.config.device_id, kind, self.config.topic_prefix)
+
+    def _make_client(self) -> paho.Client:
+        v5 = self.protocol == paho.MQTTv5
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"edge-agent-{self.config.device_id}",
+                             protocol=self.protocol, clean_session=None if v5 else False)
+        if self.config.username:
+            client.username_pw_set(self.config.username, self.config.password)
+        if self.config.broker_tls:
+            client.tls_set(ca_certs=str(self.config.ca_file) if self.config.ca_file else None,
+                           cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        client.will_set(self._topic("status"), self._status(False), qos=1, retain=True)
+        client.reconnect_delay_set(min_delay=max(1, int(self.config.reconnect_min_s)),
+                                   max_delay=max(1, int(self.config.reconnect_max_s)))
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    def _status(self, online: bool) -> bytes:
+        return encode_message("status", {"online": online, "device_id": self.config.device_id, "ts": time.time()})
+
+    def start(self) -> None:
+        """Connect in the background (retries with backoff until the broker answers)."""
+        properties = None
+        kwargs: dict[str, Any] = {}
+        if self.protocol == paho.MQTTv5:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = SESSION_EXPIRY_S
+            kwargs = {"clean_start": False, "properties": properties}
+        self._client.connect_async(self.config.broker_host, self.config.broker_port,
+                                   keepalive=self.config.keepalive_s, **kwargs)
+        self._client.loop_start()
+
+    def stop(self) -> None:
+        """Publish ``online: false`` (a clean stop does not fire the will) and disconnect."""
+        with self._lock:
+            client = self._client
+        if self.connected.is_set():
+            info = client.publish(self._topic("status"), self._status(False), qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout=3)
+            except (RuntimeError, ValueError):
+                log.debug("offline status not confirmed before disconnect")
+        client.disconnect()
+        client.loop_stop()
+
+    def _fallback(self) -> None:
+        """The broker refused MQTT 5: start again with 3.1.1."""
+        with self._lock:
+            old = self._client
+            self.protocol = paho.MQTTv311
+            self._client = self._make_client()
+        old.disconnect()
+        old.loop_stop()
+        log.warning("broker %s does not speak MQTT 5; using 3.1.1", self.config.broker)
+        self.start()
+
+    # --- callbacks (paho's thread) ---------------------------------------------------------------
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any,
+                    properties: Any) -> None:
+        if reason_code.is_failure:
+            if self.protocol == paho.MQTTv5 and reason_code.value in _BAD_PROTOCOL:
+                threading.Thread(target=self._fallback, daemon=True).start()
+            else:
+                log.warning("broker %s refused the connection: %s", self.config.broker, reason_code)
+            return
+        log.info("connected to %s (MQTT %s)", self.config.broker, "5" if self.protocol == paho.MQTTv5 else "3.1.1")
+        client.subscribe(self._topic("desired"), qos=1)
+        client.publish(self._topic("status"), self._status(True), qos=1, retain=True)
+        self.connected.set()
+        if self.on_connected is not None:
+            try:
+                self.on_connected()
+            except Exception:  # noqa: BLE001 - a callback bug must not kill paho's thread
+                log.exception("on_connected failed")
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any,
+                       properties: Any) -> None:
+        self.connected.clear()
+        log.info("disconnected from %s (%s); reconnecting with backoff", self.config.broker, reason_code)
+
+    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        try:
+            device_id, kind = parse_topic(message.topic, self.config.topic_prefix)
+            if device_id != self.config.device_id or kind != "desired":
+                raise ValidationError(f"unexpected message on {message.topic!r}")
+            if not message.payload:
+                log.info("desired state of %s was cleared", device_id)
+                return
+            desired = parse_message("desired", message.payload)
+        except ValidationError as exc:
+            log.warning("ignored a message on %s: %s", message.topic, exc)
+            return
+        try:
+            self.on_desired(desired)
+        except Exception:  # noqa: BLE001 - never let a handler bug stop the agent
+            log.exception("handling the desired state failed")
+
+    # --- publishing ----------------------------------------------------------------------------
+    def publish(self, kind: str, body: dict[str, Any], qos: int = 1, retain: bool = False) -> bool:
+        """Encode and publish; False when it was not handed to the broker link (e.g. offline)."""
+        payload = encode_message(kind, body)
+        with self._lock:
+            client = self._client
+        info = client.publish(self._topic(kind), payload, qos=qos, retain=retain)
+        return info.rc == paho.MQTT_ERR_SUCCESS
