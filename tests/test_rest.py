@@ -50,7 +50,8 @@ def test_tritonclient_http(server: RunningServer, digits: DigitsData, binary: bo
 def test_score_answers_like_the_model(server: RunningServer, digits: DigitsData) -> None:
     status, body = post_json(server.http + "/score", {"data": digits.x_test[:3].tolist()})
     assert status == 200 and body["label"] == digits.y_test[:3].tolist()
-    status, named = post_json(server.http + "/v2/models/digits/score", {"inputs": {"input": digits.x_test[:1].tolist()}})
+    named_body = {"inputs": {"input": digits.x_test[:1].tolist()}}
+    status, named = post_json(server.http + "/v2/models/digits/score", named_body)
     assert status == 200 and named["label"] == digits.y_test[:1].tolist()
 
 

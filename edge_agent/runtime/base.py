@@ -155,6 +155,10 @@ def _convert(name: str, raw: np.ndarray, dtype: np.dtype, from_json: bool = Fals
             or (from_json and raw.dtype.kind == "f" and dtype.kind == "f"))
     if raw.dtype.kind in "OSU" or not safe:
         raise InvalidInputError(f"input {name!r} has dtype {raw.dtype}, which does not convert to {dtype} safely")
+    if raw.dtype.kind == "f" and dtype.kind == "f" and raw.size and np.isfinite(raw).all():
+        limit = np.finfo(dtype).max
+        if np.abs(raw).max() > limit:
+            raise InvalidInputError(f"input {name!r} has values out of range for {dtype} (max {limit:.6g})")
     return raw.astype(dtype)
 
 
