@@ -60,8 +60,12 @@ class DynamicBatcher:
     timeout can never lose a request, whereas cancelling a ``Queue.get`` on Python 3.11 can.
     """
 
-    def __init__(self, infer: Infer, settings: BatchSettings, on_batch: Callable[[int], None] | None = None) -> None:
+    def __init__(self, infer: Infer, settings: BatchSettings, on_batch: Callable[[int], None] | None = None,
+                 in_flight: Callable[[], int] | None = None) -> None:
         self._infer = infer
+        # requests of this model currently being served; when every one of them is already in the
+        # batch, waiting out the queue delay cannot add anyone we know of, so the batch closes at once
+        self._in_flight = in_flight
         self.settings = settings
         self._on_batch = on_batch or (lambda _size: None)
         self._pending: deque[_Item] = deque()
@@ -124,6 +128,8 @@ class DynamicBatcher:
                     continue
                 if rows in self.settings.preferred_batch_sizes or len(self._pending) > 0:
                     break  # a preferred size with nothing to add, or only non-fitting requests wait
+                if self._in_flight is not None and len(batch) >= self._in_flight():
+                    break
                 timeout = deadline - loop.time()
                 if timeout <= 0:
                     break

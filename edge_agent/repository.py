@@ -13,7 +13,7 @@ import itertools
 import logging
 import re
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,7 +114,7 @@ class ModelRepository:
                            Path(bundle_dir), owned)
         entry.idle.set()
         if not failure:
-            entry.batcher = self._batcher(name, model, manifest.batching)
+            entry.batcher = self._batcher(name, model, manifest.batching, lambda: entry.inflight)
         async with self._lock:
             old = self._entries.get(name)
             if failure and old is not None and old.state == ModelState.READY:
@@ -126,7 +126,8 @@ class ModelRepository:
         log.info("model %s version %s is %s", name, entry.version, entry.state)
         return model.info
 
-    def _batcher(self, name: str, model: LoadedModel, batching: dict[str, Any] | None) -> DynamicBatcher | None:
+    def _batcher(self, name: str, model: LoadedModel, batching: dict[str, Any] | None,
+                 in_flight: Callable[[], int]) -> DynamicBatcher | None:
         settings = self.batching_override or batching
         if not settings or not _batchable(model):
             return None
@@ -135,7 +136,7 @@ class ModelRepository:
             if self.metrics is not None:
                 self.metrics.observe_batch(name, size)
 
-        return DynamicBatcher(model.infer, BatchSettings.from_dict(settings), on_batch)
+        return DynamicBatcher(model.infer, BatchSettings.from_dict(settings), on_batch, in_flight)
 
     async def _retire(self, entry: ModelEntry) -> None:
         entry.state = ModelState.UNLOADING

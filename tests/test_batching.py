@@ -131,3 +131,24 @@ def test_models_with_a_fixed_first_dimension_are_not_batched(tmp_path: Path, sig
             await repository.close()
 
     asyncio.run(main())
+
+
+def test_a_lone_request_is_not_held_for_the_queue_delay(tmp_path: Path, signing_key: SigningKey,
+                                                        digits_cnn: Path) -> None:
+    slow = {"max_batch_size": 16, "max_queue_delay_us": 60_000_000}  # a minute: only a bug would wait it out
+    bundle = make_bundle(tmp_path / "c.edb", signing_key, digits_cnn, name="cnn", batching=slow)
+
+    async def main() -> None:
+        repository = ModelRepository(tmp_path / "work", TrustStore([signing_key.public_key]))
+        plane = DataPlane(repository, MetricsRegistry())
+        await repository.load_bundle(bundle)
+        try:
+            x = np.zeros((1, 1, 8, 8), np.float32)
+            answer = await asyncio.wait_for(plane.infer(InferRequest("cnn", {"input": x})), 30)
+            assert answer.outputs["probabilities"].shape == (1, 10)
+            batcher = repository.get("cnn").batcher
+            assert batcher is not None and batcher.batch_sizes == {1: 1}
+        finally:
+            await repository.close()
+
+    asyncio.run(main())
