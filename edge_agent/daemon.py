@@ -348,8 +348,13 @@ class EdgeAgent:
         await self.serve_active()
         await self.app.start()
         log.info("serving on %s: http %d, grpc %d", self.config.host, self.app.http_port, self.app.grpc_port)
-        self.link.start()
+        if self.store.deployment.get("interrupted") and self.store.deployment.get("order"):
+            # Retry the interrupted order before the first report, so the controller sees it resume
+            # rather than a failure (the retained desired state would bring it back anyway).
+            self._queue_desired(self.store.deployment["order"])
         tasks = [asyncio.create_task(self._worker()), asyncio.create_task(self._telemetry_loop())]
+        await asyncio.sleep(0)  # let the worker enter a retried deployment before we connect
+        self.link.start()
         try:
             await self._stop.wait()
         finally:
