@@ -156,6 +156,7 @@ class BundleServer:
     """The bundle server bound to ``host:port`` (0 = a free port); ``start()`` runs it in a thread."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, home: Path | None = None) -> None:
+        self._host = host
         self._httpd = _Server((host, port), _Handler)
         self._httpd.store = bundles_dir(home)
         self._thread: threading.Thread | None = None
@@ -168,7 +169,7 @@ class BundleServer:
     @property
     def url(self) -> str:
         """Base URL devices use, e.g. ``http://127.0.0.1:8080``."""
-        return f"http://{self._httpd.server_address[0]}:{self.port}"
+        return f"http://{self._host}:{self.port}"
 
     def start(self) -> None:
         """Serve in a background thread."""

@@ -289,7 +289,7 @@ class _Link:
             self._client.tls_set()
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
-        self._client.reconnect_delay_set(0.2, 2)
+        self._client.reconnect_delay_set(1, 2)
         try:
             self._client.connect(url.hostname, url.port or (8883 if url.scheme == "mqtts" else 1883), keepalive=30)
         except OSError as exc:
@@ -394,7 +394,7 @@ class FleetController:
     def _device_row(link: _Link, device_id: str) -> dict[str, Any]:
         report = link.reported.get(device_id, {})
         active = report.get("active") or {}
-        model = active.get("model") if isinstance(active.get("model"), dict) else {}
+        model: dict[str, Any] = active["model"] if isinstance(active.get("model"), dict) else {}
         return {
             "device_id": device_id,
             "online": bool(link.status.get(device_id, {}).get("online", False)),
