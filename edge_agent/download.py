@@ -7,6 +7,7 @@ The finished file is renamed to ``<sha>.edb`` only after its sha256 matches the 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import os
 import urllib.error
@@ -64,6 +65,8 @@ def _fetch(url: str, part: Path, max_bytes: int, timeout: float) -> None:
                 sink.write(chunk)
             sink.flush()
             os.fsync(sink.fileno())
+        if total is not None and written < have + int(total):
+            raise DeploymentError(f"download of {url} broke off after {written} bytes; it resumes on the next try")
 
 
 def download_bundle(url: str, sha256: str, folder: Path, max_bytes: int = 2 * 1024**3,
@@ -82,7 +85,7 @@ def download_bundle(url: str, sha256: str, folder: Path, max_bytes: int = 2 * 10
     part = folder / f"{sha256}.part"
     try:
         _fetch(url, part, max_bytes, timeout)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
         raise DeploymentError(f"download of {url} failed: {exc}; it resumes on the next try") from None
     actual = _sha256_of(part)
     if actual != sha256:
