@@ -22,6 +22,7 @@ from packager.keys import SigningKey, TrustStore
 from tests.test_runtime import make_bundle
 
 SKLEARN_SCORE = '''
+import json
 import os
 import joblib
 from helpers.prep import to_rows
@@ -33,9 +34,10 @@ def init():
     api_dir = str(get_model_dir())
     assert api_dir == os.environ["EDGEDEPLOY_MODEL_DIR"] == os.environ["AZUREML_MODEL_DIR"]
 
-def run(data):
-    if isinstance(data, bytes):
-        return {"bytes": len(data), "head": data[:4].hex()}
+def run(raw_data):
+    if isinstance(raw_data, bytes):
+        return {"bytes": len(raw_data), "head": raw_data[:4].hex()}
+    data = json.loads(raw_data)["data"]
     if data == "boom":
         raise ValueError("cannot score boom")
     return {"labels": model.predict(to_rows(data)).tolist(), "model_dir": api_dir}
@@ -139,7 +141,7 @@ def test_failing_init_leaves_model_unavailable_with_reason(tmp_path: Path, signi
 
 def test_a_failing_new_version_does_not_replace_a_ready_one(tmp_path: Path, signing_key: SigningKey) -> None:
     good = make_bundle(tmp_path / "g.edb", signing_key, None, name="echo", version=1,
-                       entry={"src/score.py": "def run(data):\n    return {'echo': data}\n"})
+                       entry={"src/score.py": "import json\n\ndef run(raw):\n    return {'echo': json.loads(raw)['data']}\n"})
     bad = make_bundle(tmp_path / "b.edb", signing_key, None, name="echo", version=2,
                       entry={"src/score.py": "def init():\n    1 / 0\n\ndef run(data):\n    return data\n"})
 
@@ -194,8 +196,8 @@ def test_unsatisfied_requirements_fail_clearly_when_pip_cannot_install(tmp_path:
 def test_replacing_a_script_imports_the_new_versions_helpers(tmp_path: Path, signing_key: SigningKey) -> None:
     def bundle(version: int, factor: int) -> Path:
         return make_bundle(tmp_path / f"v{version}.edb", signing_key, None, name="scaled", version=version,
-                           entry={"src/score.py": "from helpers.prep import FACTOR\n\n"
-                                                  "def run(data):\n    return [x * FACTOR for x in data]\n",
+                           entry={"src/score.py": "import json\nfrom helpers.prep import FACTOR\n\n"
+                                                  "def run(raw):\n    return [x * FACTOR for x in json.loads(raw)['data']]\n",
                                   "src/helpers/__init__.py": "", "src/helpers/prep.py": f"FACTOR = {factor}\n"})
 
     async def main() -> None:

@@ -2,9 +2,9 @@
 
 Calling convention, as Azure ML's inference server does it, so migrated scripts run unchanged:
 a ``run`` decorated with inference-schema's ``@input_schema`` gets the JSON body's fields as
-keyword arguments (the decorators convert them to numpy/pandas); any other ``run`` gets the
-parsed value of the body's ``data`` field (the whole parsed document when there is no ``data``),
-or ``bytes`` for a non-JSON body such as an image. While the model
+keyword arguments (the decorators convert them to numpy/pandas); any other ``run`` gets the raw
+body: the JSON text as ``str`` (Azure ML scripts call ``json.loads`` on it themselves), or
+``bytes`` for a non-JSON body such as an image. While the model
 loads, ``AZUREML_MODEL_DIR`` and ``EDGEDEPLOY_MODEL_DIR`` name the bundle's ``model`` folder, and
 the bundle's source folder is importable.
 """
@@ -143,10 +143,10 @@ class EntryScriptModel(ModelSpecs):
             return self._call(**arguments)
         if isinstance(body, bytes) and "json" not in content_type:
             return self._call(body)
-        document = _json(body)
-        if isinstance(document, dict) and "data" in document:
-            document = document["data"]
-        return self._call(document)
+        # Azure ML's convention: a run() without a schema parses the JSON text itself
+        text = body.decode() if isinstance(body, bytes) else json.dumps(body)
+        _json(text)
+        return self._call(text)
 
     def _call(self, *args: Any, **kwargs: Any) -> Any:
         token = CURRENT_MODEL_DIR.set(self.info.bundle_dir / "model")
