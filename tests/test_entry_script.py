@@ -141,7 +141,8 @@ def test_failing_init_leaves_model_unavailable_with_reason(tmp_path: Path, signi
 
 def test_a_failing_new_version_does_not_replace_a_ready_one(tmp_path: Path, signing_key: SigningKey) -> None:
     good = make_bundle(tmp_path / "g.edb", signing_key, None, name="echo", version=1,
-                       entry={"src/score.py": "import json\n\ndef run(raw):\n    return {'echo': json.loads(raw)['data']}\n"})
+                       entry={"src/score.py": "import json\n\ndef run(raw):\n"
+                                             "    return {'echo': json.loads(raw)['data']}\n"})
     bad = make_bundle(tmp_path / "b.edb", signing_key, None, name="echo", version=2,
                       entry={"src/score.py": "def init():\n    1 / 0\n\ndef run(data):\n    return data\n"})
 
@@ -196,8 +197,10 @@ def test_unsatisfied_requirements_fail_clearly_when_pip_cannot_install(tmp_path:
 def test_replacing_a_script_imports_the_new_versions_helpers(tmp_path: Path, signing_key: SigningKey) -> None:
     def bundle(version: int, factor: int) -> Path:
         return make_bundle(tmp_path / f"v{version}.edb", signing_key, None, name="scaled", version=version,
-                           entry={"src/score.py": "import json\nfrom helpers.prep import FACTOR\n\n"
-                                                  "def run(raw):\n    return [x * FACTOR for x in json.loads(raw)['data']]\n",
+                           entry={"src/score.py": "import json\n"
+                                                  "from helpers.prep import FACTOR\n\n"
+                                                  "def run(raw):\n"
+                                                  "    return [x * FACTOR for x in json.loads(raw)['data']]\n",
                                   "src/helpers/__init__.py": "", "src/helpers/prep.py": f"FACTOR = {factor}\n"})
 
     async def main() -> None:
