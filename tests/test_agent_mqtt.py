@@ -1,0 +1,203 @@
+"""The real agent daemon against a private Mosquitto: online/LWT, reported state, garbage, installs."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+import yaml
+from paho.mqtt.enums import CallbackAPIVersion
+
+from packager.bundle import bundle_sha256
+from packager.fleet_messages import encode_message, topic
+from packager.keys import SigningKey, export_public_key
+from tests.test_store import script_bundle
+
+ROOT = Path(__file__).resolve().parents[1]
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+BAD_INIT = b"def init():\n    raise RuntimeError('this model cannot start')\n\ndef run(data):\n    return {}\n"
+DEVICE = "dev-mqtt-1"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[int]:
+    if not Path(MOSQUITTO).exists():
+        pytest.skip("mosquitto is not installed")
+    port = free_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
+    proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+            assert time.monotonic() < deadline, "mosquitto did not start"
+            time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def bundle_http(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    folder = tmp_path / "served"
+    folder.mkdir()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(folder)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield folder, f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+class Observer:
+    """A controller-side client recording the device's messages."""
+
+    def __init__(self, port: int) -> None:
+        self.latest: dict[str, dict[str, Any]] = {}
+        self.events: list[dict[str, Any]] = []
+        self.changed = threading.Condition()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="observer", protocol=paho.MQTTv5)
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe(f"edgedeploy/devices/{DEVICE}/#", qos=1)
+        self.client.loop_start()
+
+    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+        kind = message.topic.rsplit("/", 1)[-1]
+        if kind == "desired" or not message.payload:
+            return
+        body = json.loads(message.payload)
+        with self.changed:
+            self.latest[kind] = body
+            if kind == "events":
+                self.events.append(body)
+            self.changed.notify_all()
+
+    def wait(self, kind: str, check: Callable[[dict[str, Any]], bool], timeout: float = 60) -> dict[str, Any]:
+        with self.changed:
+            ok = self.changed.wait_for(lambda: kind in self.latest and check(self.latest[kind]), timeout)
+            assert ok, f"no {kind} message matched; latest: {self.latest.get(kind)}"
+            return self.latest[kind]
+
+    def desire(self, payload: bytes) -> None:
+        self.client.publish(topic(DEVICE, "desired"), payload, qos=1, retain=True).wait_for_publish(10)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def order(bundle: Path, folder: Path, base: str, version: int, deployment_id: str) -> bytes:
+    sha = bundle_sha256(bundle)
+    shutil.copy(bundle, folder / f"{sha}.edb")
+    return encode_message("desired", {"deployment_id": deployment_id, "bundle_url": f"{base}/{sha}.edb",
+                                      "bundle_sha256": sha, "model": {"name": "scorer", "version": version},
+                                      "allow_downgrade": False, "rollout_id": None})
+
+
+def score(port: int) -> Any:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/score", data=b'{"data": [[1.0, 2.0]]}',
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def start_agent(config: Path, log: Path) -> subprocess.Popen:
+    with open(log, "ab") as sink:
+        return subprocess.Popen([sys.executable, "-m", "edge_agent.cli", "--config", str(config)],
+                                stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def test_agent_online_garbage_install_failed_health_lwt_and_restart(
+        broker: int, bundle_http: tuple[Path, str], signing_key: SigningKey, tmp_path: Path) -> None:
+    folder, base = bundle_http
+    export_public_key(tmp_path / "publisher.pub")
+    config = tmp_path / "agent.yaml"
+    config.write_text(yaml.safe_dump({
+        "device_id": DEVICE, "profile": "cpu-x86_64", "groups": ["kitchen"], "tags": {"site": "milan"},
+        "broker": f"mqtt://127.0.0.1:{broker}", "data_dir": str(tmp_path / "data"),
+        "trusted_keys": [str(tmp_path / "publisher.pub")], "http_port": 0, "grpc_port": 0,
+        "telemetry_period_s": 0.5}))
+    log = tmp_path / "agent.log"
+    observer = Observer(broker)
+    agent = start_agent(config, log)
+    try:
+        assert observer.wait("status", lambda m: m["online"] is True)["schema"] == 1
+        report = observer.wait("reported", lambda m: m["http_port"] > 0)
+        assert report["state"] == "idle" and report["active"] is None and report["groups"] == ["kitchen"]
+        assert report["grpc_port"] > 0 and report["tags"] == {"site": "milan"}
+
+        for garbage in (b"not json", b"{" * 300_000, json.dumps({"schema": 9}).encode(),
+                        json.dumps({"schema": 1, "deployment_id": "x"}).encode()):
+            observer.desire(garbage)
+        v1 = script_bundle(tmp_path / "v1.edb", signing_key, 1)
+        observer.desire(order(v1, folder, base, 1, "d-1"))
+        report = observer.wait("reported", lambda m: m["state"] == "active", timeout=90)
+        assert agent.poll() is None  # the garbage did not stop it
+        assert report["active"]["bundle_sha256"] == bundle_sha256(v1) and report["active"]["version"] == 1
+        assert score(report["http_port"]) == {"version": 1}
+        assert [e["to"] for e in observer.events if e["deployment_id"] == "d-1"] == [
+            "downloading", "verifying", "installing", "health-checking", "active"]
+        observer.wait("telemetry", lambda m: "scorer" in m["models"] and m["memory_rss_mb"] > 0)
+
+        bad = script_bundle(tmp_path / "v2.edb", signing_key, 2, BAD_INIT)
+        observer.desire(order(bad, folder, base, 2, "d-2"))
+        report = observer.wait("reported", lambda m: m["deployment_id"] == "d-2" and m["state"] == "failed")
+        assert "health check" in report["error"] and report["active"]["version"] == 1
+        assert score(report["http_port"]) == {"version": 1}
+
+        observer.desire(order(v1, folder, base, 1, "d-3"))  # back to v1: nothing to install
+        report = observer.wait("reported", lambda m: m["deployment_id"] == "d-3" and m["state"] == "active")
+        assert "downloading" not in [e["to"] for e in observer.events if e["deployment_id"] == "d-3"]
+
+        agent.send_signal(signal.SIGKILL)
+        agent.wait(10)
+        observer.wait("status", lambda m: m["online"] is False, timeout=60)  # the last will
+
+        before, restarted = len(observer.events), time.time()
+        agent = start_agent(config, log)
+        report = observer.wait("reported", lambda m: m["ts"] >= restarted and m["state"] == "active")
+        observer.wait("status", lambda m: m["online"] is True)
+        assert score(report["http_port"]) == {"version": 1}
+        assert not [e for e in observer.events[before:] if e["to"] == "downloading"]  # idempotent after restart
+
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(30) == 0
+        observer.wait("status", lambda m: m["online"] is False)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait(10)
+        observer.close()
