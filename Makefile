@@ -22,6 +22,7 @@ test: setup
 
 bench: setup
 	$(BIN)/pip install -q --no-deps rapidocr_onnxruntime==1.4.4  # ships a 10.9 MB conv ONNX model
+	test -x .venv-mlserver/bin/mlserver || ($(PY) -m venv .venv-mlserver && .venv-mlserver/bin/pip install -q mlserver onnxruntime numpy) || echo 'MLServer did not install: bench/serving reports it'
 	$(BIN)/python -m bench
 
 protos: setup
