@@ -23,9 +23,10 @@ import pytest
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edge_agent.daemon import outputs_match
 from packager.bundle import bundle_sha256
 from packager.fleet_messages import encode_message, topic
-from packager.keys import SigningKey, export_public_key
+from packager.keys import SigningKey, export_public_key, generate_key
 from tests.test_store import script_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,6 +179,17 @@ def test_agent_online_garbage_install_failed_health_lwt_and_restart(
         assert "health check" in report["error"] and report["active"]["version"] == 1
         assert score(report["http_port"]) == {"version": 1}
 
+        stranger = generate_key("stranger")  # its public key is not in the device's trusted_keys
+        untrusted = script_bundle(tmp_path / "v5.edb", stranger, 5)
+        observer.desire(order(untrusted, folder, base, 5, "d-untrusted"))
+        report = observer.wait("reported", lambda m: m["deployment_id"] == "d-untrusted" and m["state"] == "failed")
+        assert report["active"]["version"] == 1 and "trust" in report["error"].lower()
+
+        older = script_bundle(tmp_path / "v0.edb", signing_key, 0)
+        observer.desire(order(older, folder, base, 0, "d-down"))
+        report = observer.wait("reported", lambda m: m["deployment_id"] == "d-down" and m["state"] == "failed")
+        assert "allow_downgrade" in report["error"] and score(report["http_port"]) == {"version": 1}
+
         observer.desire(order(v1, folder, base, 1, "d-3"))  # back to v1: nothing to install
         report = observer.wait("reported", lambda m: m["deployment_id"] == "d-3" and m["state"] == "active")
         assert "downloading" not in [e["to"] for e in observer.events if e["deployment_id"] == "d-3"]
@@ -201,3 +213,11 @@ def test_agent_online_garbage_install_failed_health_lwt_and_restart(
             agent.kill()
             agent.wait(10)
         observer.close()
+
+
+def test_smoke_outputs_compare_structure_and_numbers_with_tolerance() -> None:
+    expected = {"outputs": [{"name": "probs", "data": [0.25, 0.75]}]}
+    assert outputs_match({"outputs": [{"name": "probs", "data": [0.25000001, 0.75]}]}, expected)
+    assert not outputs_match({"outputs": [{"name": "probs", "data": [0.75, 0.25]}]}, expected)
+    assert not outputs_match({"outputs": [{"name": "probs", "data": [0.25]}]}, expected)
+    assert not outputs_match({"outputs": [{"name": "other", "data": [0.25, 0.75]}]}, expected)
