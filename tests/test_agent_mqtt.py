@@ -18,6 +18,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import paho.mqtt.client as paho
 import pytest
 import yaml
@@ -221,3 +222,64 @@ def test_smoke_outputs_compare_structure_and_numbers_with_tolerance() -> None:
     assert not outputs_match({"outputs": [{"name": "probs", "data": [0.75, 0.25]}]}, expected)
     assert not outputs_match({"outputs": [{"name": "probs", "data": [0.25]}]}, expected)
     assert not outputs_match({"outputs": [{"name": "other", "data": [0.25, 0.75]}]}, expected)
+
+
+def test_onnx_bundle_health_check_compares_the_output_sample(
+        bundle_http: tuple[Path, str], signing_key: SigningKey, digits_mlp: Path, digits: Any,
+        tmp_path: Path) -> None:
+    """In-process daemon core (no broker needed): fp32 ONNX passes; a wrong output sample fails."""
+    import asyncio
+
+    from edge_agent.config import parse_agent_config
+    from edge_agent.daemon import EdgeAgent
+    from packager.packaging import package
+
+    folder, base = bundle_http
+    export_public_key(tmp_path / "publisher.pub")
+    sample_in = tmp_path / "in.json"
+    sample_in.write_text(json.dumps({"data": digits.x_test[:2].tolist()}))
+    good = package(digits_mlp, "cpu-x86_64", tmp_path / "good.edb", input_sample=sample_in, name="digits").bundle_path
+    wrong_out = tmp_path / "out.json"
+    first = json.loads(json.dumps(score_local(good, sample_in)))
+    wrong_out.write_text(json.dumps({k: (np.abs(np.asarray(v)) + 5).tolist() for k, v in first.items()}))
+    bad = package(digits_mlp, "cpu-x86_64", tmp_path / "bad.edb", input_sample=sample_in, output_sample=wrong_out,
+                  name="digits", force=True).bundle_path
+
+    config = parse_agent_config({"device_id": "dev-onnx", "broker": "mqtt://127.0.0.1:1", "data_dir": "data",
+                                 "trusted_keys": ["publisher.pub"], "http_port": 0, "grpc_port": 0}, base=tmp_path)
+    agent = EdgeAgent(config)
+
+    def desired(bundle: Path, deployment_id: str) -> dict:
+        return json.loads(order(bundle, folder, base, 1, deployment_id))
+
+    async def scenario() -> None:
+        await agent.handle(desired(good, "g"))
+        assert agent.store.state.value == "active", agent.store.deployment.get("error")
+        await agent.handle(desired(bad, "b"))
+        assert agent.store.state.value == "failed"
+        assert "output sample" in agent.store.deployment["error"]
+        assert agent.store.active["bundle_sha256"] == bundle_sha256(good)
+        result = await agent.dataplane.score("digits", json.loads(sample_in.read_text()))
+        assert outputs_match(result, first)
+        await agent.repository.close()
+
+    asyncio.run(scenario())
+    agent.link.stop()
+
+
+def score_local(bundle: Path, sample_in: Path) -> Any:
+    """What the bundle's model answers for the sample (through a throwaway repository)."""
+    import asyncio
+
+    from edge_agent.dataplane import DataPlane
+    from edge_agent.repository import ModelRepository
+
+    async def go() -> Any:
+        repository = ModelRepository(bundle.parent / "scratch")
+        try:
+            await repository.load_bundle(bundle, "probe")
+            return await DataPlane(repository).score("probe", json.loads(sample_in.read_text()))
+        finally:
+            await repository.close()
+
+    return asyncio.run(go())
