@@ -42,6 +42,8 @@ _DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 _REQUIRED: dict[str, tuple[str, ...]] = {
     # {"deployment_id", "bundle_url", "bundle_sha256", "model": {"name", "version"},
     #  "allow_downgrade": false, "rollout_id": "r-..." | null}
+    # optional "action": "remove" (bundle_url/bundle_sha256 ""): unload the model; a rollback sends
+    # it to a device that ran nothing before the rollout.
     "desired": ("deployment_id", "bundle_url", "bundle_sha256", "model"),
     # {"device_id", "state", "deployment_id", "active": {...} | null, "previous": {...} | null,
     #  "error": str | null, "profile", "groups", "tags", "http_port", "grpc_port", "agent_version", "ts"}
