@@ -34,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rollout.add_argument("--wave", default="25%", help="wave size: N devices or P%% (default 25%%)")
     rollout.add_argument("--max-failures", default="10%", help="failure rate that halts and rolls back")
     rollout.add_argument("--wave-timeout", type=float, default=300.0, help="seconds a device may take")
-    rollout.add_argument("--wait", action="store_true", help="block until the rollout ends")
+    rollout.add_argument("--wait", action="store_true",
+                         help="block until the rollout ends (without it, `fleet status ID` sends later waves)")
     rollout.add_argument("--json", action="store_true")
     rollout.set_defaults(func=_rollout)
 
