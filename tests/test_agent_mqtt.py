@@ -23,6 +23,8 @@ import paho.mqtt.client as paho
 import pytest
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from edge_agent.daemon import outputs_match
 from packager.bundle import bundle_sha256
@@ -42,21 +44,31 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def start_mosquitto(folder: Path, port: int, persistent: bool = False) -> subprocess.Popen:
+    """A private mosquitto on ``port``, accepting connections when this returns.
+
+    ``persistent`` keeps sessions (and queued QoS 0 messages for them) across restarts.
+    """
+    conf = folder / f"mosquitto-{port}.conf"
+    extra = (f"persistence true\npersistence_location {folder}/\nqueue_qos0_messages true\n"
+             if persistent else "")
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n{extra}")
+    proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return proc
+        assert time.monotonic() < deadline, "mosquitto did not start"
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[int]:
     if not Path(MOSQUITTO).exists():
         pytest.skip("mosquitto is not installed")
     port = free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
-    proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_mosquitto(tmp_path, port)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-            assert time.monotonic() < deadline, "mosquitto did not start"
-            time.sleep(0.05)
         yield port
     finally:
         proc.terminate()
@@ -86,14 +98,23 @@ class _QuietHandler(SimpleHTTPRequestHandler):
 class Observer:
     """A controller-side client recording the device's messages."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, persistent: bool = False) -> None:
         self.latest: dict[str, dict[str, Any]] = {}
         self.events: list[dict[str, Any]] = []
+        self.seen_telemetry: list[dict[str, Any]] = []
         self.changed = threading.Condition()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="observer", protocol=paho.MQTTv5)
         self.client.on_message = self._on_message
-        self.client.connect("127.0.0.1", port)
-        self.client.subscribe(f"edgedeploy/devices/{DEVICE}/#", qos=1)
+        self.client.on_connect = lambda client, *_: client.subscribe(f"edgedeploy/devices/{DEVICE}/#", qos=1)
+        self.client.reconnect_delay_set(1, 1)
+        self.ready = threading.Event()  # set when the broker acknowledged our subscription
+        self.client.on_subscribe = lambda *_: self.ready.set()
+        properties = None
+        if persistent:  # the broker keeps our subscription and queues messages while we are away
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = 600
+        self.client.connect("127.0.0.1", port, clean_start=not persistent, properties=properties)
+        self.subscribed = self.client.subscribe(f"edgedeploy/devices/{DEVICE}/#", qos=1)
         self.client.loop_start()
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
@@ -105,6 +126,8 @@ class Observer:
             self.latest[kind] = body
             if kind == "events":
                 self.events.append(body)
+            if kind == "telemetry":
+                self.seen_telemetry.append(body)
             self.changed.notify_all()
 
     def wait(self, kind: str, check: Callable[[dict[str, Any]], bool], timeout: float = 60) -> dict[str, Any]:
@@ -283,3 +306,39 @@ def score_local(bundle: Path, sample_in: Path) -> Any:
             await repository.close()
 
     return asyncio.run(go())
+
+
+def test_telemetry_is_queued_on_disk_while_the_broker_is_down_and_sent_in_order_when_it_returns(
+        tmp_path: Path) -> None:
+    if not Path(MOSQUITTO).exists():
+        pytest.skip("mosquitto is not installed")
+    port = free_port()
+    config = tmp_path / "agent.yaml"
+    config.write_text(yaml.safe_dump({
+        "device_id": DEVICE, "broker": f"mqtt://127.0.0.1:{port}", "data_dir": str(tmp_path / "data"),
+        "http_port": 0, "grpc_port": 0, "telemetry_period_s": 0.2, "reconnect_min_s": 1, "reconnect_max_s": 2}))
+    broker = start_mosquitto(tmp_path, port, persistent=True)
+    observer = Observer(port, persistent=True)  # subscribed before the outage; its session outlives it
+    assert observer.ready.wait(10), "the observer's subscription was not acknowledged"
+    broker.terminate()
+    broker.wait(10)
+    agent = start_agent(config, tmp_path / "agent.log")
+    queue = tmp_path / "data" / "telemetry"
+    try:
+        deadline = time.monotonic() + 30
+        while len(list(queue.glob("*.json"))) < 3:  # nobody to send to: samples pile up on disk
+            assert agent.poll() is None and time.monotonic() < deadline, "no telemetry was queued"
+            time.sleep(0.1)
+        broker_up = time.time()
+        broker = start_mosquitto(tmp_path, port, persistent=True)
+        with observer.changed:
+            observer.changed.wait_for(lambda: len(observer.seen_telemetry) >= 4, 60)
+            stamps = [m["ts"] for m in observer.seen_telemetry]
+        assert len(stamps) >= 4 and stamps == sorted(stamps)
+        assert sum(ts < broker_up for ts in stamps) >= 3  # the queued ones came first, oldest first
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(30)
+        observer.close()
+        broker.terminate()
+        broker.wait(10)
