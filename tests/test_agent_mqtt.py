@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import shutil
 import signal
 import socket
@@ -44,7 +45,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_mosquitto(folder: Path, port: int, persistent: bool = False) -> subprocess.Popen:
+def start_mosquitto(folder: Path, port: int, persistent: bool = False, settings: str = "") -> subprocess.Popen:
     """A private mosquitto on ``port``, accepting connections when this returns.
 
     ``persistent`` keeps sessions (and queued QoS 0 messages for them) across restarts.
@@ -52,13 +53,16 @@ def start_mosquitto(folder: Path, port: int, persistent: bool = False) -> subpro
     conf = folder / f"mosquitto-{port}.conf"
     extra = (f"persistence true\npersistence_location {folder}/\nqueue_qos0_messages true\n"
              if persistent else "")
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n{extra}")
+    conf.write_text(f"listener {port} 127.0.0.1\n{settings or 'allow_anonymous true'}\n{extra}")
     proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
     while True:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
             return proc
-        assert time.monotonic() < deadline, "mosquitto did not start"
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait(10)
+            pytest.fail(f"mosquitto did not start with {conf.read_text()!r}")
         time.sleep(0.05)
 
 
@@ -98,13 +102,15 @@ class _QuietHandler(SimpleHTTPRequestHandler):
 class Observer:
     """A controller-side client recording the device's messages."""
 
-    def __init__(self, port: int, persistent: bool = False) -> None:
+    def __init__(self, port: int, persistent: bool = False, auth: tuple[str, str] | None = None) -> None:
         self.latest: dict[str, dict[str, Any]] = {}
         self.events: list[dict[str, Any]] = []
         self.seen_telemetry: list[dict[str, Any]] = []
         self.changed = threading.Condition()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="observer", protocol=paho.MQTTv5)
         self.client.on_message = self._on_message
+        if auth:
+            self.client.username_pw_set(*auth)
         self.client.on_connect = lambda client, *_: client.subscribe(f"edgedeploy/devices/{DEVICE}/#", qos=1)
         self.client.reconnect_delay_set(1, 1)
         self.ready = threading.Event()  # set when the broker acknowledged our subscription
@@ -339,6 +345,42 @@ def test_telemetry_is_queued_on_disk_while_the_broker_is_down_and_sent_in_order_
     finally:
         agent.send_signal(signal.SIGTERM)
         agent.wait(30)
+        observer.close()
+        broker.terminate()
+        broker.wait(10)
+
+
+def test_username_and_password_are_used_and_a_refusal_does_not_stop_the_agent(tmp_path: Path) -> None:
+    if not Path(MOSQUITTO).exists() or not shutil.which("mosquitto_passwd"):
+        pytest.skip("mosquitto / mosquitto_passwd are not installed")
+    passwords = tmp_path / "passwords"
+    passwords.touch(mode=0o600)
+    for user, secret in (("device", "s3cret"), ("observer", "watch")):
+        subprocess.run(["mosquitto_passwd", "-b", str(passwords), user, secret], check=True, capture_output=True)
+    port = free_port()
+    # As root, mosquitto drops to its own user and could not read our private tmp folder.
+    as_root = "user root\n" if os.geteuid() == 0 else ""
+    broker = start_mosquitto(tmp_path, port, settings=f"{as_root}allow_anonymous false\npassword_file {passwords}")
+    observer = Observer(port, auth=("observer", "watch"))
+    agents: list[subprocess.Popen] = []
+    try:
+        for name, secret in (("wrong", "nope"), ("right", "s3cret")):
+            config = tmp_path / f"{name}.yaml"
+            config.write_text(yaml.safe_dump({
+                "device_id": DEVICE if name == "right" else "dev-wrong", "broker": f"mqtt://127.0.0.1:{port}",
+                "username": "device", "password": secret, "data_dir": str(tmp_path / name),
+                "http_port": 0, "grpc_port": 0}))
+            agents.append(start_agent(config, tmp_path / f"{name}.log"))
+        observer.wait("status", lambda m: m["online"] is True and m["device_id"] == DEVICE)
+        deadline = time.monotonic() + 30
+        while "refused the connection" not in (tmp_path / "wrong.log").read_text():
+            assert time.monotonic() < deadline, "the wrong password was not refused"
+            time.sleep(0.1)
+        assert agents[0].poll() is None  # it keeps retrying instead of dying
+    finally:
+        for agent in agents:
+            agent.send_signal(signal.SIGTERM)
+            agent.wait(30)
         observer.close()
         broker.terminate()
         broker.wait(10)
