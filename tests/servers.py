@@ -80,6 +80,16 @@ def serving(workdir: Path, bundles: list[Path], **config: Any) -> Iterator[Runni
         loop.close()
 
 
+def digits_bundle(model: Path, digits: Any, folder: Path) -> Path:
+    """The digits MLP packaged as ``digits`` (fp32, with an input sample), signed by the test's key."""
+    from packager.packaging import package
+
+    sample = folder / "sample.json"
+    sample.write_text(json.dumps({"data": digits.x_test[:2].tolist()}))
+    return package(model, "cpu-x86_64", folder / "digits.edb", quantize="none", input_sample=sample,
+                   name="digits").bundle_path
+
+
 def post_json(url: str, document: Any, headers: dict[str, str] | None = None) -> tuple[int, Any]:
     """POST a JSON document; returns (status, parsed body) without raising on 4xx/5xx."""
     import urllib.error

@@ -12,16 +12,12 @@ import tritonclient.http as httpclient
 
 from packager.examples import DigitsData
 from packager.keys import SigningKey
-from packager.packaging import package
-from tests.servers import RunningServer, get, post_json, serving
+from tests.servers import RunningServer, digits_bundle, get, post_json, serving
 
 
 @pytest.fixture
 def bundle(digits_mlp: Path, digits: DigitsData, signing_key: SigningKey, tmp_path: Path) -> Path:
-    sample = tmp_path / "sample.json"
-    sample.write_text(json.dumps({"data": digits.x_test[:2].tolist()}))
-    return package(digits_mlp, "cpu-x86_64", tmp_path / "digits.edb", quantize="none", input_sample=sample,
-                   name="digits").bundle_path
+    return digits_bundle(digits_mlp, digits, tmp_path)
 
 
 @pytest.fixture
