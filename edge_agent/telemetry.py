@@ -23,6 +23,8 @@ __all__ = ["TelemetryQueue", "sample"]
 
 log = logging.getLogger(__name__)
 _PROCESS_START = time.time()
+# One Process object for the whole run: cpu_percent() measures since its previous call on it.
+_PROCESS = psutil.Process(os.getpid())
 
 
 class TelemetryQueue:
@@ -78,7 +80,7 @@ class TelemetryQueue:
 
 def sample(device_id: str, metrics: dict[str, dict[str, Any]], versions: dict[str, Any]) -> dict[str, Any]:
     """One telemetry message body: per-model metrics, CPU %, RSS, uptime and versions."""
-    process = psutil.Process(os.getpid())
+    process = _PROCESS
     with process.oneshot():
         rss = process.memory_info().rss
         cpu = process.cpu_percent(interval=None)
