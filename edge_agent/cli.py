@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import importlib
 import json
@@ -252,7 +251,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``edge-agent``; returns the process exit code."""
-    try:
+    from packager.cli.main import exit_code_of
+
+    def body() -> int:
         args = build_parser().parse_args(argv)
         logging.basicConfig(
             level=logging.DEBUG if args.verbose else logging.INFO,
@@ -260,22 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             stream=sys.stderr,
         )
         return _dispatch(args)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except EdgeDeployError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    except Exception as exc:  # noqa: BLE001 - the one place that turns a bug into a clean exit
-        if os.environ.get("EDGEDEPLOY_DEBUG"):
-            raise
-        with contextlib.suppress(Exception):
-            log.debug("internal error", exc_info=True)
-        print(f"error: internal error: {type(exc).__name__}: {exc} (set EDGEDEPLOY_DEBUG=1 for details)",
-              file=sys.stderr)
-        return 1
+
+    return exit_code_of(body)
 
 
 if __name__ == "__main__":

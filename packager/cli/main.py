@@ -11,11 +11,11 @@ import importlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from packager.errors import EdgeDeployError, UsageError
 
-__all__ = ["main"]
+__all__ = ["exit_code_of", "main"]
 
 # Each module defines register(subparsers); a command's handler is stored as ``func``.
 _GROUPS = ("model", "keys", "profile", "package", "bundle", "deploy", "service", "serve", "fleet")
@@ -39,16 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; returns the process exit code."""
+def exit_code_of(body: Callable[[], int]) -> int:
+    """Run a command body and turn any error into one ``error:`` line and an exit code.
+
+    2 for bad usage, 1 for any other failure, 130 on Ctrl-C. Shared by ``edgedeploy`` and ``edge-agent``.
+    """
     try:
-        args = build_parser().parse_args(argv)
-        logging.basicConfig(
-            level=logging.INFO if args.verbose else logging.WARNING,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            stream=sys.stderr,
-        )
-        return int(args.func(args) or 0)
+        return int(body() or 0)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -64,6 +61,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: internal error: {type(exc).__name__}: {exc} (set EDGEDEPLOY_DEBUG=1 for details)",
               file=sys.stderr)
         return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the process exit code."""
+
+    def body() -> int:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(
+            level=logging.INFO if args.verbose else logging.WARNING,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+        return int(args.func(args) or 0)
+
+    return exit_code_of(body)
 
 
 if __name__ == "__main__":
