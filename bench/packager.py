@@ -3,7 +3,8 @@
 Models: the digits CNN and MLP built here from scikit-learn's digits (accuracy on held-out digits),
 and PP-OCRv4's text recognizer (a 10.9 MB conv network shipped inside the ``rapidocr_onnxruntime``
 wheel; ``make bench`` installs it without dependencies), measured as agreement with fp32 of the
-decoded text on strips of six handwritten digits. Each row: file size, onnxruntime batch-1 and batch-32 latency on this machine.
+decoded text on strips of six handwritten digits. Each row: file size, onnxruntime batch-1 and
+batch-32 latency on this machine.
 """
 
 from __future__ import annotations

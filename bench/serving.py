@@ -2,7 +2,8 @@
 
 Targets: raw onnxruntime ``session.run`` in this process (the limit), our gRPC and REST servers
 (``edge-agent serve`` in its own process, driven by tritonclient), and MLServer serving the same
-ONNX model through a small custom runtime (in its own virtual environment, ``.venv-mlserver``, which ``make bench`` creates).
+ONNX model through a small custom runtime (in its own virtual environment, ``.venv-mlserver``,
+which ``make bench`` creates).
 Concurrency 1, 8 and 32 at batch 1: throughput, p50, p99 and the ratio to raw. Also the transport
 floor (grpc.health.v1 Check, empty HTTP GET), the agent's RSS with one model and its cold start.
 

@@ -263,12 +263,12 @@ def write_bundle(
     fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as raw:
-            with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz:
-                with tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                    tar.addfile(_tar_info(MANIFEST_NAME, len(manifest_bytes)), io.BytesIO(manifest_bytes))
-                    tar.addfile(_tar_info(SIGNATURE_NAME, len(signature)), io.BytesIO(signature))
-                    for entry in entries:
-                        _add_payload(tar, entry, payload[entry.path])
+            with (gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz,
+                  tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar):
+                tar.addfile(_tar_info(MANIFEST_NAME, len(manifest_bytes)), io.BytesIO(manifest_bytes))
+                tar.addfile(_tar_info(SIGNATURE_NAME, len(signature)), io.BytesIO(signature))
+                for entry in entries:
+                    _add_payload(tar, entry, payload[entry.path])
             raw.flush()
             os.fsync(raw.fileno())
         os.chmod(tmp, 0o644)

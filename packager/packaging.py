@@ -84,7 +84,7 @@ def resolve_model(model: str | Path, name: str | None = None) -> ResolvedModel:
     except NotFoundError as exc:
         raise NotFoundError(f"{model!r} is neither a file nor a registered model ({exc})") from None
     path = registry.get_model_path(ref_name, record.version)
-    info = {"name": name or record.name, "version": record.version, "sha256": record.sha256,
+    info: dict[str, Any] = {"name": name or record.name, "version": record.version, "sha256": record.sha256,
             "framework": record.framework, "description": record.description}
     return ResolvedModel(path, info)
 

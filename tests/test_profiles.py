@@ -19,7 +19,7 @@ REQUIRED = {"cpu-x86_64", "cpu-arm64", "nvidia-jetson-orin", "nvidia-gpu-server"
 
 def test_every_required_profile_ships_and_validates() -> None:
     names = {p.name for p in list_profiles()}
-    assert REQUIRED <= names
+    assert names >= REQUIRED
     for path in BUILTIN_PROFILES_DIR.glob("*.yaml"):
         profile = load_profile(path)
         assert profile.execution_providers[-1] == "CPUExecutionProvider", "CPU must be the last fallback"
@@ -75,7 +75,7 @@ def test_unknown_profile_lists_the_known_ones() -> None:
 def test_cli_profile_list_and_show() -> None:
     run = [sys.executable, "-m", "packager.cli.main", "profile"]
     listed = json.loads(subprocess.run([*run, "list", "--json"], capture_output=True, text=True, check=True).stdout)
-    assert REQUIRED <= {row["name"] for row in listed}
+    assert {row["name"] for row in listed} >= REQUIRED
     shown = json.loads(subprocess.run([*run, "show", "cpu-arm64", "--json"], capture_output=True, text=True,
                                       check=True).stdout)
     assert shown["architecture"] == "arm64"
