@@ -24,6 +24,7 @@ from packager.errors import (
     AlreadyExistsError,
     AuthError,
     BundleError,
+    DeploymentError,
     EdgeDeployError,
     InferenceError,
     IntegrityError,
@@ -72,6 +73,8 @@ _LAZY = {
     "get_service": "packager.services",
     # fleet
     "FleetController": "packager.fleet",
+    "BundleServer": "packager.bundle_server",
+    "publish_bundle": "packager.bundle_server",
 }
 
 __all__ = [
@@ -79,6 +82,7 @@ __all__ = [
     "AlreadyExistsError",
     "AuthError",
     "BundleError",
+    "DeploymentError",
     "EdgeDeployError",
     "InferenceError",
     "IntegrityError",
