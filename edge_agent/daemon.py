@@ -233,7 +233,7 @@ class EdgeAgent:
         self._advance(Event.OK)  # -> installing
         staging = manifest.name + _STAGING_SUFFIX
         self._staging = staging
-        await self.repository.load_dir(target, name=staging)
+        await self.repository.load_dir(target, name=staging, staging=True)
         self._advance(Event.OK)  # -> health-checking
         await self._health_check(staging, manifest)
         await self._switch(target, manifest.name, staging)

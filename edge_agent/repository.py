@@ -45,6 +45,7 @@ class ModelEntry:
     batcher: DynamicBatcher | None = None
     inflight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    staging: bool = False  # a candidate under health check: not what /score or readiness speak for
 
     @property
     def info(self) -> ModelInfo:
@@ -104,14 +105,19 @@ class ModelRepository:
             if not candidate.exists():
                 return candidate
 
-    async def load_dir(self, bundle_dir: Path, name: str | None = None, owned: bool = False) -> ModelInfo:
-        """Load an unpacked, already verified bundle folder (an agent's slot, say)."""
+    async def load_dir(self, bundle_dir: Path, name: str | None = None, owned: bool = False,
+                       staging: bool = False) -> ModelInfo:
+        """Load an unpacked, already verified bundle folder (an agent's slot, say).
+
+        ``staging`` marks a candidate being health-checked beside the live model: it answers
+        requests by name but does not count for readiness or the single-model ``/score``.
+        """
         manifest = load_extracted(bundle_dir)
         name = name or manifest.name
         model = await asyncio.to_thread(load_model, Path(bundle_dir), manifest, name, self.workdir)
         failure = getattr(model, "failure", None)
         entry = ModelEntry(name, ModelState.UNAVAILABLE if failure else ModelState.READY, model, failure,
-                           Path(bundle_dir), owned)
+                           Path(bundle_dir), owned, staging=staging)
         entry.idle.set()
         if not failure:
             entry.batcher = self._batcher(name, model, manifest.batching, lambda: entry.inflight)
@@ -163,8 +169,9 @@ class ModelRepository:
             raise NotFoundError(f"no model named {name!r} (loaded: {known})")
         return entry
 
-    def names(self) -> list[str]:
-        return sorted(self._entries)
+    def names(self, include_staging: bool = True) -> list[str]:
+        """Loaded model names; without the candidates under health check when ``include_staging`` is False."""
+        return sorted(name for name, entry in self._entries.items() if include_staging or not entry.staging)
 
     @contextlib.asynccontextmanager
     async def use(self, name: str) -> AsyncIterator[ModelEntry]:

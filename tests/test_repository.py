@@ -178,3 +178,24 @@ def test_an_unready_model_answers_not_ready(tmp_path: Path, signing_key: Signing
             await repository.close()
 
     asyncio.run(main())
+
+
+def test_a_staging_candidate_does_not_disturb_score_or_readiness(tmp_path: Path, signing_key: SigningKey,
+                                                                 trust: TrustStore, digits_mlp: Path) -> None:
+    slot = tmp_path / "slot-b"
+    open_bundle(make_bundle(tmp_path / "m.edb", signing_key, digits_mlp, version=2), slot, trust)
+
+    async def main() -> None:
+        repository = ModelRepository(tmp_path / "work", trust)
+        plane = DataPlane(repository, MetricsRegistry())
+        await repository.load_dir(slot, "digits")
+        await repository.load_dir(slot, "digits-staging", staging=True)
+        try:
+            assert plane.default_model() == "digits" and plane.ready()
+            answer = await plane.score(plane.default_model(), {"data": np.zeros((1, 64)).tolist()})
+            assert len(answer["label"]) == 1
+            assert plane.model_ready("digits-staging")  # still reachable by name for the health check
+        finally:
+            await repository.close()
+
+    asyncio.run(main())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,13 @@ import onnxruntime as ort
 from edge_agent.runtime.base import ModelInfo, ModelSpecs, validate_inputs
 from packager.bundle import BundleManifest
 from packager.errors import BundleError, InvalidInputError
+from packager.tensors import V2_TO_NUMPY, onnx_type_to_v2
 
 __all__ = ["OnnxModel", "choose_providers", "load", "parse_score_body"]
 
 log = logging.getLogger(__name__)
+_PROBE_RUNS = 20
+_INLINE_BELOW_S = 50e-6  # about the cost of handing a call to a worker thread and back
 
 
 def choose_providers(wanted: list[str], available: list[str] | None = None) -> list[str]:
@@ -73,6 +77,26 @@ class OnnxModel(ModelSpecs):
         self.info = info
         self.info.details["execution_providers"] = self.session.get_providers()
         self._output_names = [o.name for o in self.session.get_outputs()]
+        self.inline = self._is_tiny()
+
+    def _is_tiny(self) -> bool:
+        """Whether a batch-1 inference takes so little time that a worker-thread hop would cost more.
+
+        Such a model runs on the event loop itself: it blocks the loop for less than the hop.
+        """
+        rng = np.random.default_rng(0)
+        try:
+            feed = {arg.name: rng.random([d if isinstance(d, int) and d > 0 else 1 for d in arg.shape or []])
+                    .astype(np.dtype(V2_TO_NUMPY[onnx_type_to_v2(arg.type)])) for arg in self.session.get_inputs()}
+            self.session.run(self._output_names, feed)
+            start = time.perf_counter()
+            for runs in range(1, _PROBE_RUNS + 1):
+                self.session.run(self._output_names, feed)
+                if time.perf_counter() - start > _INLINE_BELOW_S * runs * 4:
+                    return False  # clearly not tiny: stop probing a big model early
+        except Exception:  # noqa: BLE001 - a probe that cannot run says nothing: keep the safe path
+            return False
+        return (time.perf_counter() - start) / _PROBE_RUNS < _INLINE_BELOW_S
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = self.session.run(self._output_names, inputs)
