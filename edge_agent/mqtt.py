@@ -1,6 +1,7 @@
 """The agent's MQTT adapter (paho-mqtt 2.x): session, last will, desired-state subscription.
 
-It speaks MQTT 5 and falls back to 3.1.1 when the broker refuses the protocol version. The
+It speaks MQTT 5 and falls back to 3.1.1 when the broker refuses the protocol version, or leaves
+an MQTT 5 CONNECT unanswered on a live connection. The
 session is persistent (clean_start False plus a session expiry in v5, clean_session False in
 3.1.1) so QoS 1 desired states sent while the device was away are delivered. The last will marks
 the device offline (retained); on every connect it publishes ``online: true`` (retained) and
@@ -31,6 +32,7 @@ __all__ = ["SESSION_EXPIRY_S", "AgentLink"]
 
 log = logging.getLogger(__name__)
 SESSION_EXPIRY_S = 7 * 24 * 3600
+_CONNACK_TIMEOUT_S = 5.0
 _BAD_PROTOCOL = (1, 132)  # 3.1.1 "unacceptable protocol version", v5 "unsupported protocol version"
 
 
@@ -47,6 +49,7 @@ class AgentLink:
         self.on_desired = on_desired
         self.on_connected = on_connected
         self.protocol = paho.MQTTv5
+        self._answered = False  # the broker sent a CONNACK at least once
         self.connected = threading.Event()
         self._lock = threading.Lock()
         self._client = self._make_client()
@@ -86,6 +89,21 @@ class AgentLink:
         self._client.connect_async(self.config.broker_host, self.config.broker_port,
                                    keepalive=self.config.keepalive_s, **kwargs)
         self._client.loop_start()
+        if self.protocol == paho.MQTTv5:
+            watchdog = threading.Timer(_CONNACK_TIMEOUT_S, self._check_connack, args=(self._client,))
+            watchdog.daemon = True
+            watchdog.start()
+
+    def _check_connack(self, client: paho.Client) -> None:
+        """Some 3.1.1-only brokers (amqtt) never answer an MQTT 5 CONNECT: fall back on silence too.
+
+        Only when the TCP connection stands (``client.socket()``): a broker that is down says
+        nothing about the protocol, and plain reconnects handle it.
+        """
+        with self._lock:
+            current = client is self._client
+        if current and self.protocol == paho.MQTTv5 and not self._answered and client.socket() is not None:
+            self._fallback()
 
     def stop(self) -> None:
         """Publish ``online: false`` (a clean stop does not fire the will) and disconnect."""
@@ -114,6 +132,7 @@ class AgentLink:
     # --- callbacks (paho's thread) ---------------------------------------------------------------
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any,
                     properties: Any) -> None:
+        self._answered = True
         if reason_code.is_failure:
             if self.protocol == paho.MQTTv5 and reason_code.value in _BAD_PROTOCOL:
                 threading.Thread(target=self._fallback, daemon=True).start()

@@ -79,6 +79,8 @@ class _Processes:
 def _start_broker(procs: _Processes, work: Path) -> str:
     port = _free_port()
     mosquitto = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    if os.environ.get("EDGEDEPLOY_DEMO_BROKER") == "amqtt":
+        mosquitto = None
     if mosquitto:
         conf = work / "mosquitto.conf"
         conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
