@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from packager.bundle import BundleManifest, open_bundle
+from packager.bundle import BundleManifest, load_extracted, open_bundle
 from packager.errors import DeploymentError, EdgeDeployError, ValidationError
 from packager.keys import TrustStore
 
@@ -165,9 +165,10 @@ class EdgeAgent:
         for pointer in (self.store.active, self.store.previous):
             if not pointer or not self.store.slot_complete(pointer.get("slot")):
                 continue
-            name = (pointer.get("model") or {}).get("name")
+            slot = self.store.slot_path(pointer["slot"])
             try:
-                await self.repository.load_dir(self.store.slot_path(pointer["slot"]), name=name)
+                name = str((pointer.get("model") or {}).get("name") or load_extracted(slot).name)
+                await self.repository.load_dir(slot, name=name)
             except EdgeDeployError as exc:
                 log.error("could not load slot %s: %s", pointer["slot"], exc)
                 continue

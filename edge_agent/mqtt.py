@@ -162,7 +162,7 @@ class AgentLink:
             if not message.payload:
                 log.info("desired state of %s was cleared", device_id)
                 return
-            desired = parse_message("desired", message.payload)
+            desired = parse_message("desired", bytes(message.payload))
         except ValidationError as exc:
             log.warning("ignored a message on %s: %s", message.topic, exc)
             return

@@ -70,7 +70,7 @@ def resolve_model(model: str | Path, name: str | None = None) -> ResolvedModel:
     candidate = Path(model)
     if candidate.exists():
         framework = "onnx" if candidate.suffix == ".onnx" else None
-        info = {"name": name or candidate.stem, "version": None, "sha256": _tree_sha256(candidate),
+        info: dict[str, Any] = {"name": name or candidate.stem, "version": None, "sha256": _tree_sha256(candidate),
                 "framework": framework, "description": ""}
         return ResolvedModel(candidate, info)
     if "/" in str(model) or candidate.suffix in (".onnx", ".pkl", ".joblib", ".pt"):
@@ -84,7 +84,7 @@ def resolve_model(model: str | Path, name: str | None = None) -> ResolvedModel:
     except NotFoundError as exc:
         raise NotFoundError(f"{model!r} is neither a file nor a registered model ({exc})") from None
     path = registry.get_model_path(ref_name, record.version)
-    info: dict[str, Any] = {"name": name or record.name, "version": record.version, "sha256": record.sha256,
+    info = {"name": name or record.name, "version": record.version, "sha256": record.sha256,
             "framework": record.framework, "description": record.description}
     return ResolvedModel(path, info)
 
