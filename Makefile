@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test bench protos lint clean
+.PHONY: setup system-deps demo test bench protos lint clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -14,10 +14,13 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-demo: setup
+system-deps:
+	@bash .ci/system-deps.sh
+
+demo: setup system-deps
 	$(BIN)/python -m packager.demo
 
-test: setup
+test: setup system-deps
 	$(BIN)/python -m pytest -q
 
 bench: setup
