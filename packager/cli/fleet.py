@@ -16,15 +16,19 @@ __all__ = ["register"]
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``fleet devices|rollout|status|abort`` to the CLI."""
     parser = subparsers.add_parser("fleet", help="devices and rollouts over MQTT")
-    parser.add_argument("--broker", default=None,
-                        help=f"broker URL (default $EDGEDEPLOY_BROKER, else {DEFAULT_BROKER})")
+    broker_help = f"broker URL (default $EDGEDEPLOY_BROKER, else {DEFAULT_BROKER})"
+    parser.add_argument("--broker", default=None, help=broker_help)
+    # --broker is accepted after the action too (`fleet devices --broker URL`); SUPPRESS keeps a value
+    # given before the action from being overwritten by the action's default
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--broker", default=argparse.SUPPRESS, help=broker_help)
     sub = parser.add_subparsers(dest="fleet_command", metavar="ACTION", required=True)
 
-    devices = sub.add_parser("devices", help="devices and what they run")
+    devices = sub.add_parser("devices", parents=[common], help="devices and what they run")
     devices.add_argument("--json", action="store_true")
     devices.set_defaults(func=_devices)
 
-    rollout = sub.add_parser("rollout", help="roll a bundle out to devices in waves")
+    rollout = sub.add_parser("rollout", parents=[common], help="roll a bundle out to devices in waves")
     rollout.add_argument("bundle", type=Path)
     rollout.add_argument("--to", required=True, dest="selector",
                          help="all, device:ID[,ID...], group:NAME or tag:KEY=VALUE")
@@ -39,12 +43,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rollout.add_argument("--json", action="store_true")
     rollout.set_defaults(func=_rollout)
 
-    status = sub.add_parser("status", help="a rollout's progress (no id: every rollout)")
+    status = sub.add_parser("status", parents=[common], help="a rollout's progress (no id: every rollout)")
     status.add_argument("rollout_id", nargs="?")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=_status)
 
-    abort = sub.add_parser("abort", help="stop a rollout and roll the updated devices back")
+    abort = sub.add_parser("abort", parents=[common], help="stop a rollout and roll the updated devices back")
     abort.add_argument("rollout_id")
     abort.set_defaults(func=_abort)
 
