@@ -1,0 +1,196 @@
+"""Container images that carry the edge-agent runtime and one signed bundle, unchanged.
+
+Builds work offline: Python dependencies go into the build context as a wheelhouse (``pip download``
+on the host, ``pip install --no-index`` in the image), and the default base image is a slim Debian
+made locally with ``debootstrap`` and ``docker import`` (no registry is needed). Layers are ordered
+from least to most specific (base, venv, wheels, bundle, labels) so a rebuild from the same bundle
+and base reuses every cached layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from packager.errors import DeploymentError
+
+__all__ = [
+    "BASE_IMAGE",
+    "BUNDLE_PATH",
+    "ImageBuild",
+    "RUNTIME_REQUIREMENTS",
+    "build_image",
+    "cache_dir",
+    "ensure_base_image",
+    "image_tag",
+    "write_context",
+]
+
+log = logging.getLogger(__name__)
+
+BASE_IMAGE = "edgedeploy/base:bookworm"
+BUNDLE_PATH = "/var/lib/edgedeploy/bundle/model.edb"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+#: What the serving process needs inside the container (no packaging or fleet extras).
+RUNTIME_REQUIREMENTS = [
+    "onnxruntime>=1.17", "onnx>=1.15", "numpy>=1.26", "grpcio>=1.85.1",
+    "grpcio-health-checking>=1.85.1", "protobuf>=6.31", "pyyaml>=6.0", "psutil>=5.9",
+    "cryptography>=42", "jsonschema>=4.20", "aiohttp>=3.9", "paho-mqtt>=2.0",
+    "onnxconverter-common>=1.14", "docker>=7.0",
+]
+
+
+@dataclass
+class ImageBuild:
+    """A built image: its tag, id, size and the build time in seconds."""
+
+    tag: str
+    image_id: str
+    size: int
+    seconds: float
+    bundle_sha256: str
+
+
+def cache_dir() -> Path:
+    """Where base-image tars and wheelhouses are cached between runs (~/.cache/edgedeploy)."""
+    path = Path.home() / ".cache" / "edgedeploy"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def image_tag(name: str, bundle_sha256: str) -> str:
+    """The tag of the image serving ``name`` from the bundle with this digest."""
+    return f"edgedeploy/{name}:{bundle_sha256[:12]}"
+
+
+def _run(cmd: list[str], what: str) -> None:
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise DeploymentError(f"{what} failed ({result.returncode}): {result.stderr.strip()[-800:]}")
+
+
+def _base_rootfs_tar(force: bool) -> Path:
+    """A tar of a debootstrapped bookworm rootfs (cached; about a minute and 300 MB cold)."""
+    tar = cache_dir() / "base-bookworm.tar"
+    if tar.exists() and not force:
+        return tar
+    if shutil.which("debootstrap") is None:
+        raise DeploymentError("debootstrap is not installed: run .ci/install-docker.sh, or pass --base-image")
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        rootfs = Path(tmp) / "rootfs"
+        _run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv", "bookworm",
+              str(rootfs)], "debootstrap")
+        partial = tar.with_suffix(".partial")
+        _run(["tar", "-C", str(rootfs), "-cf", str(partial), "."], "tar of the base rootfs")
+        partial.replace(tar)
+    return tar
+
+
+def ensure_base_image(client: Any, tag: str = BASE_IMAGE, force: bool = False) -> str:
+    """Make sure the default base image exists in the engine (debootstrap + import when absent)."""
+    import docker
+
+    if not force:
+        try:
+            client.images.get(tag)
+            return tag
+        except docker.errors.ImageNotFound:
+            pass
+    tar = _base_rootfs_tar(force)
+    repository, _, version = tag.partition(":")
+    log.info("importing base image %s from %s", tag, tar)
+    client.api.import_image(src=str(tar), repository=repository, tag=version or "latest")
+    return tag
+
+
+def _wheelhouse(force: bool = False) -> Path:
+    """Wheels of the runtime dependencies and of this project (cached by their content)."""
+    key = hashlib.sha256("\n".join(RUNTIME_REQUIREMENTS).encode()).hexdigest()[:12]
+    house = cache_dir() / f"wheelhouse-{key}"
+    if force and house.exists():
+        shutil.rmtree(house)
+    if not house.exists():
+        partial = house.with_name(house.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        _run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "-d",
+              str(partial), *RUNTIME_REQUIREMENTS], "pip download of the runtime dependencies")
+        partial.replace(house)
+    return house
+
+
+def _project_wheel(dest: Path) -> Path:
+    """A wheel of this project, rebuilt each time (it is small) but byte-stable for the cache."""
+    dest.mkdir(parents=True, exist_ok=True)
+    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+          str(dest), str(PROJECT_ROOT)], "pip wheel of edgedeploy")
+    wheels = sorted(dest.glob("edgedeploy-*.whl"))
+    if not wheels:
+        raise DeploymentError(f"pip wheel produced no edgedeploy wheel in {dest}")
+    return wheels[-1]
+
+
+_DOCKERFILE = """\
+FROM {base}
+RUN python3 -m venv /opt/edgedeploy
+COPY wheelhouse /wheelhouse
+RUN /opt/edgedeploy/bin/pip install -q --no-index --find-links /wheelhouse {requirements}
+COPY app /app
+RUN /opt/edgedeploy/bin/pip install -q --no-index --no-deps /app/*.whl
+ENV PATH=/opt/edgedeploy/bin:$PATH PYTHONUNBUFFERED=1
+COPY bundle/model.edb {bundle_path}
+LABEL edgedeploy.bundle.sha256="{sha}" edgedeploy.service="{name}" edgedeploy.base="{base}"
+"""
+
+
+def write_context(bundle: Path, name: str, base: str, context: Path) -> str:
+    """Fill ``context`` (Dockerfile, wheelhouse, project wheel, bundle); return the bundle sha256."""
+    bundle = Path(bundle)
+    if not bundle.is_file():
+        raise DeploymentError(f"bundle {bundle} does not exist")
+    sha = _sha256(bundle)
+    shutil.copytree(_wheelhouse(), context / "wheelhouse")
+    _project_wheel(context / "app")
+    (context / "bundle").mkdir(parents=True)
+    shutil.copyfile(bundle, context / "bundle" / "model.edb")
+    requirements = " ".join(f"'{r}'" for r in RUNTIME_REQUIREMENTS)
+    (context / "Dockerfile").write_text(_DOCKERFILE.format(
+        base=base, requirements=requirements, bundle_path=BUNDLE_PATH, sha=sha, name=name))
+    return sha
+
+
+def build_image(client: Any, bundle: Path, name: str, base: str = BASE_IMAGE,
+                tag: str | None = None) -> ImageBuild:
+    """Build the serving image for ``bundle``; DeploymentError with the build log tail on failure."""
+    import time
+
+    import docker
+
+    if base == BASE_IMAGE:
+        ensure_base_image(client, base)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="edgedeploy-ctx-") as tmp:
+        context = Path(tmp)
+        sha = write_context(bundle, name, base, context)
+        tag = tag or image_tag(name, sha)
+        try:
+            image, _logs = client.images.build(path=str(context), tag=tag, rm=True, network_mode="host")
+        except docker.errors.BuildError as exc:
+            tail = "".join(str(line.get("stream", line.get("error", ""))) for line in exc.build_log)
+            raise DeploymentError(f"image build for {name} failed: {tail[-1500:]}") from exc
+    return ImageBuild(tag, image.id, int(image.attrs.get("Size", 0)),
+                      time.monotonic() - started, sha)
