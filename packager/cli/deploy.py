@@ -7,7 +7,8 @@ from pathlib import Path
 
 from packager import services
 from packager.cli.output import progress
-from packager.targets import KNOWN_TARGETS
+from packager.errors import UsageError
+from packager.targets import KNOWN_TARGETS, get_target
 
 __all__ = ["register"]
 
@@ -31,10 +32,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-wait", dest="wait", action="store_false",
                         help="return as soon as the process started")
     parser.add_argument("--json", action="store_true", help="print the service as JSON")
+    parser.add_argument("--dry-run", action="store_true", help="kubernetes: write the manifests only (with -o)")
+    parser.add_argument("-o", "--output", type=Path, help="folder for --dry-run manifests")
     parser.set_defaults(func=_deploy)
 
 
 def _deploy(args: argparse.Namespace) -> int:
+    if args.dry_run or args.output is not None:
+        if args.target != "kubernetes" or not (args.dry_run and args.output is not None):
+            raise UsageError("--dry-run -o DIR writes Kubernetes manifests: use it with --target kubernetes")
+        get_target("kubernetes")  # refuses clearly while the Kubernetes target is not built
     with progress(f"deploying {args.name} ({args.target})"):
         service = services.deploy(
             args.name, args.bundle, target=args.target, port=args.port, grpc_port=args.grpc_port,
