@@ -161,7 +161,7 @@ class DockerTarget:
         build = build_image(self.client, spec.bundle, spec.name, self.base_image)
         http_port = spec.port or _free_port()
         grpc_port = spec.grpc_port or _free_port()
-        auth = bool(spec.auth) if spec.auth is not None else False
+        auth = bool(spec.auth) if spec.auth is not None else spec.host not in ("127.0.0.1", "localhost", "::1")
         container = self._run_container(spec, build.tag, files.keys.resolve(), "1", http_port,
                                         grpc_port, auth)
         record = {
