@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup system-deps demo test bench protos lint clean
+.PHONY: setup system-deps demo test test-docker bench protos lint clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: setup system-deps
 
 test: setup system-deps
 	$(BIN)/python -m pytest -q
+
+test-docker: setup
+	bash .ci/install-docker.sh
+	$(BIN)/python -m pytest -q -m docker tests/test_docker_target.py
 
 bench: setup
 	$(BIN)/pip install -q --no-deps rapidocr_onnxruntime==1.4.4  # ships a 10.9 MB conv ONNX model

@@ -19,7 +19,7 @@ from packager.errors import DeploymentError
 from packager.packaging import package
 from packager.targets.base import DeploymentSpec, ServiceState
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.docker]
 
 docker = pytest.importorskip("docker")
 

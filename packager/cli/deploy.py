@@ -8,7 +8,7 @@ from pathlib import Path
 from packager import services
 from packager.cli.output import progress
 from packager.errors import UsageError
-from packager.targets import KNOWN_TARGETS, get_target
+from packager.targets import KNOWN_TARGETS
 
 __all__ = ["register"]
 
@@ -34,6 +34,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help="print the service as JSON")
     parser.add_argument("--dry-run", action="store_true", help="kubernetes: write the manifests only (with -o)")
     parser.add_argument("-o", "--output", type=Path, help="folder for --dry-run manifests")
+    parser.add_argument("--image", help="kubernetes: container image running edge-agent (default: the image "
+                                        "`--target docker` builds for this bundle, which carries it)")
+    parser.add_argument("--server", help="kubernetes: bundle server URL an init container pulls the bundle from "
+                                         "(default: the bundle is baked into the image)")
     parser.set_defaults(func=_deploy)
 
 
@@ -41,7 +45,7 @@ def _deploy(args: argparse.Namespace) -> int:
     if args.dry_run or args.output is not None:
         if args.target != "kubernetes" or not (args.dry_run and args.output is not None):
             raise UsageError("--dry-run -o DIR writes Kubernetes manifests: use it with --target kubernetes")
-        get_target("kubernetes")  # refuses clearly while the Kubernetes target is not built
+        return _write_kubernetes(args)
     with progress(f"deploying {args.name} ({args.target})"):
         service = services.deploy(
             args.name, args.bundle, target=args.target, port=args.port, grpc_port=args.grpc_port,
@@ -55,3 +59,30 @@ def _deploy(args: argparse.Namespace) -> int:
     else:
         print(service.scoring_uri or f"service {service.name} is {service.state}")
     return 0
+
+
+def _write_kubernetes(args: argparse.Namespace) -> int:
+    """Render the Kubernetes objects for a verified bundle into ``args.output``."""
+    from edge_agent.auth import generate_keys
+    from packager.bundle import bundle_sha256, verify_bundle
+    from packager.images import image_tag
+    from packager.targets.kubernetes import KubernetesOptions, render_manifests, write_manifests
+
+    if not args.bundle.is_file():
+        raise UsageError(f"bundle not found: {args.bundle}")
+    verify_bundle(args.bundle)
+    digest = bundle_sha256(args.bundle)
+    url = None
+    if args.server:
+        from packager.bundle_server import publish_bundle
+
+        url = args.server.rstrip("/") + publish_bundle(args.bundle)[1]
+    options = KubernetesOptions(
+        name=args.name, image=args.image or image_tag(args.name, digest), bundle_url=url, bundle_sha256=digest,
+        replicas=args.replicas or 1, cpu=args.cpu, memory_mb=args.memory_mb,
+        auth=True if args.auth is None else args.auth, keys=generate_keys(),
+    )
+    paths = write_manifests(render_manifests(options), args.output)
+    print(f"wrote {len(paths)} manifests to {args.output} (kubectl apply -f {args.output / 'all.yaml'})")
+    return 0
+

@@ -18,7 +18,7 @@ from packager.errors import EdgeDeployError, UsageError
 __all__ = ["exit_code_of", "main"]
 
 # Each module defines register(subparsers); a command's handler is stored as ``func``.
-_GROUPS = ("model", "keys", "profile", "package", "bundle", "deploy", "service", "serve", "fleet")
+_GROUPS = ("model", "keys", "profile", "package", "bundle", "deploy", "service", "serve", "fleet", "image")
 
 
 class _Parser(argparse.ArgumentParser):

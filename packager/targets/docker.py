@@ -154,9 +154,9 @@ class DockerTarget:
             raise
 
     def _deploy(self, spec: DeploymentSpec, files: Any, wait: bool, timeout: float) -> Service:
-        import secrets
+        from edge_agent.auth import generate_keys
 
-        keys = {"primary_key": secrets.token_urlsafe(32), "secondary_key": secrets.token_urlsafe(32)}
+        keys = generate_keys()
         atomic_write_json(files.keys, keys)
         build = build_image(self.client, spec.bundle, spec.name, self.base_image)
         http_port = spec.port or _free_port()

@@ -231,7 +231,9 @@ def _copy_in(source: Path, bundles: Path) -> tuple[Path, str]:
 
 
 def _new_keys() -> dict[str, str]:
-    return {f"{which}_key": secrets.token_urlsafe(32) for which in KEY_NAMES}
+    from edge_agent.auth import generate_keys
+
+    return generate_keys()
 
 
 def _require_bundle_file(bundle: Path) -> Path:
