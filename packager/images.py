@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -78,8 +79,9 @@ def image_tag(name: str, bundle_sha256: str) -> str:
     return f"edgedeploy/{name}:{bundle_sha256[:12]}"
 
 
-def _run(cmd: list[str], what: str) -> None:
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> None:
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                            env=None if env is None else {**os.environ, **env})
     if result.returncode != 0:
         raise DeploymentError(f"{what} failed ({result.returncode}): {result.stderr.strip()[-800:]}")
 
@@ -136,8 +138,10 @@ def _wheelhouse(force: bool = False) -> Path:
 def _project_wheel(dest: Path) -> Path:
     """A wheel of this project, rebuilt each time (it is small) but byte-stable for the cache."""
     dest.mkdir(parents=True, exist_ok=True)
+    # zip entries take file mtimes unless SOURCE_DATE_EPOCH fixes them: with it, the same sources
+    # give the same wheel bytes, so Docker's COPY layer (content-addressed) is reused on a rebuild
     _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-          str(dest), str(PROJECT_ROOT)], "pip wheel of edgedeploy")
+          str(dest), str(PROJECT_ROOT)], "pip wheel of edgedeploy", env={"SOURCE_DATE_EPOCH": "315532800"})
     wheels = sorted(dest.glob("edgedeploy-*.whl"))
     if not wheels:
         raise DeploymentError(f"pip wheel produced no edgedeploy wheel in {dest}")
