@@ -194,9 +194,11 @@ def _package_onnx(
     level = "extended" if profile.optimization_level == "all" else profile.optimization_level
     if mode != "none":
         level = "basic"
-    with step(f"optimizing the graph ({level})"):
-        optimized = optimize_model(model.path, scratch / "optimized.onnx", level)
-    source_for_quantizer = model.path if mode.endswith("int8") else optimized
+    if mode.endswith("int8"):
+        source_for_quantizer = model.path  # the int8 quantizers run onnxruntime's own pre-processing
+    else:
+        with step(f"optimizing the graph ({level})"):
+            source_for_quantizer = optimize_model(model.path, scratch / "optimized.onnx", level)
     calibration = None
     if opts.calibration is not None:
         calibration = match_inputs(load_arrays(opts.calibration, "calibration set"), names, "calibration set")
