@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ import psutil
 
 from bench.common import print_table, write_results
 from packager.examples import build_digits_mlp, digits_data
+from packager.targets.base import free_port
 
 DURATION_S = float(os.environ.get("BENCH_SERVING_SECONDS", "3"))
 CONCURRENCY = (1, 8, 32)
@@ -57,11 +57,6 @@ class OnnxRuntime(MLModel):
             NumpyCodec.encode_output(name=n, payload=v) for n, v in zip(self.names, outs)])
 '''
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait_ready(url: str, timeout: float = 120.0) -> float:
@@ -160,7 +155,7 @@ class _Agent:
     """``edge-agent serve`` in its own process."""
 
     def __init__(self, bundle: Path, workdir: Path) -> None:
-        self.http, self.grpc = _free_port(), _free_port()
+        self.http, self.grpc = free_port(), free_port()
         started = time.monotonic()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "edge_agent.cli", "serve", "--bundle", str(bundle), "--http-port", str(self.http),
@@ -187,9 +182,9 @@ def _mlserver(model: Path, folder: Path) -> tuple[subprocess.Popen[bytes] | None
     (folder / "runtime.py").write_text(_RUNTIME)
     (folder / "model-settings.json").write_text(json.dumps(
         {"name": "digits", "implementation": "runtime.OnnxRuntime", "parameters": {"uri": str(model)}}))
-    http, grpc_port = _free_port(), _free_port()
+    http, grpc_port = free_port(), free_port()
     (folder / "settings.json").write_text(json.dumps(
-        {"http_port": http, "grpc_port": grpc_port, "metrics_port": _free_port(), "parallel_workers": 0,
+        {"http_port": http, "grpc_port": grpc_port, "metrics_port": free_port(), "parallel_workers": 0,
          "host": "127.0.0.1"}))
     process = subprocess.Popen([str(binary), "start", str(folder)], cwd=folder, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)

@@ -57,6 +57,7 @@ class ServeConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    reuse_port: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able view, paths as strings."""
@@ -99,6 +100,8 @@ def _add_serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-cert", type=Path)
     parser.add_argument("--tls-key", type=Path)
     parser.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES)
+    parser.add_argument("--reuse-port", action="store_true",
+                        help="share the ports with the server this one replaces (zero-downtime container update)")
     parser.add_argument("--print-config", action="store_true", dest="serve_print_config",
                         help="print the effective configuration and exit")
 
@@ -121,7 +124,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         bundle=bundle, name=args.name, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
         keys_file=args.keys_file, auth_enabled=auth, state_file=args.state_file, workdir=workdir,
         trusted_keys=list(args.trusted_key), tls_cert=args.tls_cert, tls_key=args.tls_key,
-        max_request_bytes=args.max_request_bytes,
+        max_request_bytes=args.max_request_bytes, reuse_port=args.reuse_port,
     )
 
 
@@ -189,6 +192,7 @@ def _serving_config(factory: Any, config: ServeConfig) -> Any:
         host=config.host, http_port=config.http_port, grpc_port=config.grpc_port,
         keys_file=config.keys_file, auth_enabled=config.auth_enabled,
         tls_cert=config.tls_cert, tls_key=config.tls_key, max_request_bytes=config.max_request_bytes,
+        reuse_port=config.reuse_port,
     )
 
 

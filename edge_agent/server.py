@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +17,7 @@ from edge_agent.auth import AuthKeys
 from edge_agent.dataplane import DataPlane
 from edge_agent.grpc import grpc_service_pb2_grpc
 from edge_agent.grpc.servicer import AuthInterceptor, InferenceServicer
+from edge_agent.handover import listening_socket, release_steering, steer_to_newer
 from edge_agent.rest import build_app
 
 __all__ = ["DEFAULT_MAX_REQUEST_BYTES", "ServingApp", "ServingConfig"]
@@ -35,6 +38,9 @@ class ServingConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    # share the ports with the server being replaced (see edge_agent.handover)
+    reuse_port: bool = False
+    handover_drain_seconds: float = 0.5
 
 
 class ServingApp:
@@ -48,6 +54,7 @@ class ServingApp:
         self.grpc_port = 0
         self._grpc: grpc.aio.Server | None = None
         self._runner: web.AppRunner | None = None
+        self._http_socket: socket.socket | None = None
         self._health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
 
     async def start(self) -> None:
@@ -67,7 +74,7 @@ class ServingApp:
         interceptors = [AuthInterceptor(self.keys)] if self.keys.enabled else []
         server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
-            ("grpc.so_reuseport", 0)])
+            ("grpc.so_reuseport", int(self.config.reuse_port))])
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.dataplane), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         address = f"{self.config.host}:{self.config.grpc_port}"
@@ -97,16 +104,23 @@ class ServingApp:
         if self.config.tls_cert and self.config.tls_key:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             context.load_cert_chain(str(self.config.tls_cert), str(self.config.tls_key))
-        site = web.TCPSite(runner, self.config.host, self.config.http_port, ssl_context=context,
-                           reuse_port=False)
         self._runner = runner
-        await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.http_port = int(sockets[0].getsockname()[1]) if sockets else self.config.http_port
+        sock = listening_socket(self.config.host, self.config.http_port, self.config.reuse_port)
+        self._http_socket = sock
+        await web.SockSite(runner, sock, ssl_context=context).start()
+        if self.config.reuse_port:
+            release_steering(sock)
+        self.http_port = int(sock.getsockname()[1])
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Stop accepting, let requests in flight finish (up to ``grace`` seconds), close."""
+        """Stop accepting, let requests in flight finish (up to ``grace`` seconds), close.
+
+        With ``reuse_port``, new connections are first steered to the server sharing the port and
+        the ones already queued here are served, so a hand-over resets none.
+        """
+        steer = self.config.reuse_port and self._http_socket is not None and grace > 0
+        if steer and self._http_socket is not None and steer_to_newer(self._http_socket):
+            await asyncio.sleep(self.config.handover_drain_seconds)
         if self._grpc is not None:
             await self._grpc.stop(grace)
             self._grpc = None

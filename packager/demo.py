@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from packager.targets.base import free_port
+
 __all__ = ["main"]
 
 AGENTS = ("pi-kitchen-01", "pi-hall-02", "jetson-lab-03")
@@ -35,11 +37,6 @@ AGENTS = ("pi-kitchen-01", "pi-hall-02", "jetson-lab-03")
 def _step(text: str) -> None:
     print(f"\n=== {text}", flush=True)
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait_port(port: int, timeout: float = 20.0) -> None:
@@ -77,7 +74,7 @@ class _Processes:
 
 
 def _start_broker(procs: _Processes, work: Path) -> str:
-    port = _free_port()
+    port = free_port()
     mosquitto = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
     if os.environ.get("EDGEDEPLOY_DEMO_BROKER") == "amqtt":
         mosquitto = None
@@ -241,7 +238,7 @@ def _fleet_steps(work: Path, bundle: Path, data: Any, procs: _Processes) -> None
     broker = _start_broker(procs, work)
 
     _step("6. start the bundle server")
-    server_port = _free_port()
+    server_port = free_port()
     procs.start([sys.executable, "-m", "packager.cli.main", "serve", "--port", str(server_port)], work / "serve.log")
     _wait_port(server_port)
     server_url = f"http://127.0.0.1:{server_port}"

@@ -31,6 +31,7 @@ from edge_agent.daemon import outputs_match
 from packager.bundle import bundle_sha256
 from packager.fleet_messages import encode_message, topic
 from packager.keys import SigningKey, export_public_key, generate_key
+from packager.targets.base import free_port
 from tests.test_store import script_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,11 +39,6 @@ MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 BAD_INIT = b"def init():\n    raise RuntimeError('this model cannot start')\n\ndef run(data):\n    return {}\n"
 DEVICE = "dev-mqtt-1"
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start_mosquitto(folder: Path, port: int, persistent: bool = False, settings: str = "") -> subprocess.Popen:

@@ -8,15 +8,23 @@ is one new module with one class that has these five methods; the CLI and the Py
 from __future__ import annotations
 
 import re
+import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from packager.errors import UsageError
 
-__all__ = ["DeployTarget", "DeploymentSpec", "Service", "ServiceState", "check_service_name"]
+__all__ = ["DeployTarget", "DeploymentSpec", "Service", "ServiceState", "check_service_name", "free_port"]
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on right now (the kernel's pick)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 class ServiceState:
