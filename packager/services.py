@@ -65,7 +65,9 @@ def _local() -> LocalTarget:
 
 def _target_of(name: str) -> Any:
     """The target that runs service ``name`` (from its record); NotFoundError if none."""
-    return get_target(str(_local().record(name).get("target", "local")))
+    record = _local().record(name)
+    kubeconfig = record.get("kubeconfig")
+    return get_target(str(record.get("target", "local")), kubeconfig=Path(kubeconfig) if kubeconfig else None)
 
 
 def deploy(
@@ -81,16 +83,18 @@ def deploy(
     wait: bool = True,
     host: str = "127.0.0.1",
     timeout: float = 60.0,
+    **target_options: Any,
 ) -> Service:
     """Deploy ``bundle`` as service ``name`` and (with ``wait``) return once it answers.
 
     ``port``/``grpc_port`` None or 0 pick free ports. ``auth`` None means off for a service bound
     to loopback and on otherwise. A bad bundle, a taken port or a process that dies while starting
-    raises, and leaves nothing running.
+    raises, and leaves nothing running. ``target_options`` go to the target: ``base_image`` for
+    docker; ``kubeconfig``, ``image``, ``bundle_server`` and ``namespace`` for kubernetes.
     """
     spec = DeploymentSpec(name=name, bundle=Path(bundle), port=port, grpc_port=grpc_port, auth=auth,
                           host=host, cpu=cpu, memory_mb=memory_mb, replicas=replicas)
-    return get_target(target).deploy(spec, wait=wait, timeout=timeout)
+    return get_target(target, **target_options).deploy(spec, wait=wait, timeout=timeout)
 
 
 def wait_for_deployment(name: str, timeout: float = 60.0) -> Service:

@@ -27,6 +27,7 @@ def _opts(**overrides: object) -> KubernetesOptions:
         "memory_mb": 768,
         "http_port": 9000,
         "grpc_port": 9001,
+        "trusted_keys": {"release.pub": "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n"},
     }
     values.update(overrides)
     return KubernetesOptions(**values)  # type: ignore[arg-type]
@@ -104,11 +105,22 @@ def test_dry_run_writes_yaml(tmp_path) -> None:
     docs = render_manifests(_opts())
     paths = write_manifests(docs, tmp_path / "out")
     assert len(paths) == len(docs)
-    assert list(yaml.safe_load_all((tmp_path / "out" / "all.yaml").read_text())) == docs
+    plain = list(yaml.safe_load_all((tmp_path / "out" / "all.yaml").read_text()))
+    assert plain == [doc for doc in docs if doc["kind"] != "InferenceService"]
+    kserve = list(yaml.safe_load_all((tmp_path / "out" / "kserve.yaml").read_text()))
+    assert [doc["kind"] for doc in kserve] == ["Secret", "ConfigMap", "InferenceService"]
+
+
+def test_pod_trusts_the_configured_keys() -> None:
+    docs = _by_kind(render_manifests(_opts()))
+    command = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[command.index("--trusted-key") + 1] == "/etc/edgedeploy/release.pub"
+    assert docs["ConfigMap"]["data"]["release.pub"].startswith("-----BEGIN PUBLIC KEY-----")
 
 
 @pytest.mark.parametrize("bad", [{"replicas": 0}, {"max_replicas": 1}, {"name": "Bad_Name"},
-                                 {"grpc_port": 9000}, {"image": ""}])
+                                 {"grpc_port": 9000}, {"image": ""}, {"trusted_keys": {}},
+                                 {"trusted_keys": {"../x.pub": "k"}}])
 def test_bad_options_refused(bad: dict) -> None:
     with pytest.raises(UsageError):
         render_manifests(_opts(**bad))

@@ -24,6 +24,7 @@ import onnx
 import onnxruntime as ort
 import psutil
 import pytest
+import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from packager import services
@@ -38,6 +39,7 @@ from packager.errors import (
 from packager.examples import digits_data
 from packager.keys import SigningKey, generate_key
 from packager.profiles import load_profile
+from packager.targets.base import free_port
 from packager.tensors import TensorSpec
 
 SAMPLE = digits_data().x_test[:3]
@@ -335,10 +337,31 @@ def test_deployment_options_are_checked_before_anything_starts(
     assert not (home / "services" / "checked").exists()
 
 
-def test_unavailable_targets_are_refused(home: Path, bundles: dict[str, Path]) -> None:
-    for target in ("docker", "kubernetes"):
-        with pytest.raises(DeploymentError, match="not available"):
-            services.deploy("elsewhere", bundles["v1"], target=target)
+def test_kubernetes_without_a_cluster_is_a_clear_error(home: Path, bundles: dict[str, Path], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Up to the API server for real: no kubeconfig, then a kubeconfig whose server is not there."""
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing-kubeconfig"))
+    with pytest.raises(UsageError, match="no kubeconfig found"):
+        services.deploy("elsewhere", bundles["v1"], target="kubernetes", image="registry.example/edge:1")
+    closed = free_port()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "here",
+        "clusters": [{"name": "here", "cluster": {"server": f"http://127.0.0.1:{closed}"}}],
+        "users": [{"name": "me", "user": {"token": "t"}}],
+        "contexts": [{"name": "here", "context": {"cluster": "here", "user": "me"}}],
+    }))
+    with pytest.raises(DeploymentError, match=f"cannot reach the Kubernetes API at http://127.0.0.1:{closed}"):
+        services.deploy("elsewhere", bundles["v1"], target="kubernetes", kubeconfig=kubeconfig,
+                        image="registry.example/edge:1")
+    assert not (home / "services" / "elsewhere").exists()
+
+
+def test_docker_without_an_engine_is_a_clear_error(home: Path, bundles: dict[str, Path], tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
+    with pytest.raises(DeploymentError, match="no Docker engine answers"):
+        services.deploy("elsewhere", bundles["v1"], target="docker")
     assert not (home / "services" / "elsewhere").exists()
 
 

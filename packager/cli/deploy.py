@@ -15,7 +15,7 @@ __all__ = ["register"]
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``deploy`` to the ``edgedeploy`` parser."""
-    parser = subparsers.add_parser("deploy", help="start a service from a bundle (local now)")
+    parser = subparsers.add_parser("deploy", help="start a service from a bundle (local, docker, kubernetes)")
     parser.add_argument("name", help="service name (lowercase letters, digits, '-')")
     parser.add_argument("--bundle", required=True, type=Path, help="signed bundle to serve")
     parser.add_argument("--target", default="local", choices=KNOWN_TARGETS)
@@ -36,6 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-o", "--output", type=Path, help="folder for --dry-run manifests")
     parser.add_argument("--image", help="kubernetes: container image running edge-agent (default: the image "
                                         "`--target docker` builds for this bundle, which carries it)")
+    parser.add_argument("--base-image", help="docker: base image with python3 (default: edgedeploy/base:bookworm, "
+                                             "built locally by `edgedeploy image base` when absent)")
+    parser.add_argument("--kubeconfig", type=Path, help="kubernetes: kubeconfig (default: $KUBECONFIG, ~/.kube/config)")
+    parser.add_argument("--namespace", help="kubernetes: namespace (default: default)")
     parser.add_argument("--server", help="kubernetes: bundle server URL an init container pulls the bundle from "
                                          "(default: the bundle is baked into the image)")
     parser.set_defaults(func=_deploy)
@@ -50,7 +54,8 @@ def _deploy(args: argparse.Namespace) -> int:
         service = services.deploy(
             args.name, args.bundle, target=args.target, port=args.port, grpc_port=args.grpc_port,
             auth=args.auth, cpu=args.cpu, memory_mb=args.memory_mb, replicas=args.replicas,
-            wait=args.wait, host=args.host, timeout=args.timeout,
+            wait=args.wait, host=args.host, timeout=args.timeout, base_image=args.base_image,
+            kubeconfig=args.kubeconfig, image=args.image, bundle_server=args.server, namespace=args.namespace,
         )
     if args.json:
         from packager.cli.output import print_json
@@ -66,7 +71,7 @@ def _write_kubernetes(args: argparse.Namespace) -> int:
     from edge_agent.auth import generate_keys
     from packager.bundle import bundle_sha256, verify_bundle
     from packager.images import image_tag
-    from packager.targets.kubernetes import KubernetesOptions, render_manifests, write_manifests
+    from packager.targets.kubernetes import KubernetesOptions, render_manifests, trusted_public_keys, write_manifests
 
     if not args.bundle.is_file():
         raise UsageError(f"bundle not found: {args.bundle}")
@@ -80,7 +85,7 @@ def _write_kubernetes(args: argparse.Namespace) -> int:
     options = KubernetesOptions(
         name=args.name, image=args.image or image_tag(args.name, digest), bundle_url=url, bundle_sha256=digest,
         replicas=args.replicas or 1, cpu=args.cpu, memory_mb=args.memory_mb,
-        auth=True if args.auth is None else args.auth, keys=generate_keys(),
+        auth=True if args.auth is None else args.auth, keys=generate_keys(), trusted_keys=trusted_public_keys(),
     )
     paths = write_manifests(render_manifests(options), args.output)
     print(f"wrote {len(paths)} manifests to {args.output} (kubectl apply -f {args.output / 'all.yaml'})")

@@ -1,8 +1,16 @@
-"""Deploy targets: where a service runs. ``local`` now; docker and kubernetes are one new module each."""
+"""Deploy targets: where a service runs. Each is one module with one class (see :mod:`.base`).
+
+``local`` runs ``edge-agent serve`` as a process, ``docker`` in a container built from the bundle,
+``kubernetes`` as a Deployment applied to a cluster. Target-specific options (``base_image`` for
+docker; ``kubeconfig``, ``image``, ``bundle_server``, ``namespace`` for kubernetes) pass through
+:func:`get_target`; the others ignore them.
+"""
 
 from __future__ import annotations
 
-from packager.errors import DeploymentError, UsageError
+from typing import Any
+
+from packager.errors import UsageError
 from packager.targets.base import DeploymentSpec, DeployTarget, Service, ServiceState, check_service_name
 from packager.targets.local import LocalTarget
 
@@ -18,17 +26,20 @@ __all__ = [
 ]
 
 KNOWN_TARGETS = ("local", "docker", "kubernetes")
-_AVAILABLE = {"local": LocalTarget}
 
 
-def get_target(name: str) -> DeployTarget:
-    """The target called ``name``; refuses a target this version cannot deploy to yet."""
-    if name not in KNOWN_TARGETS:
-        raise UsageError(f"unknown target {name!r}; choose one of {', '.join(KNOWN_TARGETS)}")
-    factory = _AVAILABLE.get(name)
-    if factory is None:
-        raise DeploymentError(
-            f"the {name} target is not available in this version of edgedeploy; "
-            "deploy with --target local"
-        )
-    return factory()
+def get_target(name: str, **options: Any) -> DeployTarget:
+    """The target called ``name``, with its own options (None values mean the default)."""
+    options = {key: value for key, value in options.items() if value is not None}
+    if name == "local":
+        return LocalTarget()
+    if name == "docker":
+        from packager.targets.docker import DockerTarget
+
+        return DockerTarget(**{k: v for k, v in options.items() if k in ("base_image",)})
+    if name == "kubernetes":
+        from packager.targets.kubernetes_cluster import KubernetesTarget
+
+        keep = ("kubeconfig", "image", "bundle_server", "namespace")
+        return KubernetesTarget(**{k: v for k, v in options.items() if k in keep})
+    raise UsageError(f"unknown target {name!r}; choose one of {', '.join(KNOWN_TARGETS)}")

@@ -10,8 +10,8 @@ verifies the bundle at start with the same code as a device, trusting the key(s)
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -19,21 +19,23 @@ from typing import Any
 from packager.atomic import atomic_write_json
 from packager.errors import AlreadyExistsError, DeploymentError, NotFoundError
 from packager.images import BASE_IMAGE, BUNDLE_PATH, build_image
-from packager.targets.base import DeploymentSpec, Service, ServiceState
+from packager.targets.base import DeploymentSpec, Service, ServiceState, free_port
 from packager.targets.local import LocalTarget, http_request
 
 __all__ = ["DockerTarget"]
 
 log = logging.getLogger(__name__)
 
-_KEYS_IN_CONTAINER = "/run/edgedeploy/keys.json"
-_TRUST_IN_CONTAINER = "/run/edgedeploy/trusted.pub"
+# The service folder is mounted (not keys.json itself): a key rotation replaces the file by rename,
+# and a bind-mounted file would keep showing the old inode to the container.
+_SERVICE_IN_CONTAINER = "/run/edgedeploy/service"
+_KEYS_IN_CONTAINER = _SERVICE_IN_CONTAINER + "/keys.json"
+_TRUST_IN_CONTAINER = "/run/edgedeploy/trust"
+_STATE_IN_CONTAINER = "/tmp/edgedeploy-serve.json"
+_STOP_GRACE_SECONDS = 15
+_HEALTH_PROBE = ("import json, urllib.request; assert json.load(open('{state}'))['ready']; "
+                 "urllib.request.urlopen('http://127.0.0.1:{port}/v2/health/ready', timeout=2)")
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class DockerTarget:
@@ -81,41 +83,56 @@ class DockerTarget:
 
     # containers ------------------------------------------------------------------------------------
 
-    def _trust_key(self) -> Path:
+    def _trusted_keys(self) -> list[Path]:
+        """The public keys the container trusts: ``trusted_key`` or every key this host trusts."""
         if self.trusted_key is not None:
-            return Path(self.trusted_key)
+            return [Path(self.trusted_key).resolve()]
         from packager.home import edgedeploy_home
 
-        keys = sorted((edgedeploy_home() / "trust").glob("*.pub"))
+        keys = sorted(path.resolve() for path in (edgedeploy_home() / "trust").glob("*.pub"))
         if not keys:
-            raise DeploymentError("no trusted public key to pass to the container; give trusted_key=")
-        return keys[0]
+            raise DeploymentError("no trusted public key to pass to the container: run `edgedeploy keys "
+                                  "trust` or give trusted_key=")
+        return keys
 
-    def _run_container(self, spec: DeploymentSpec, image: str, keys_file: Path, suffix: str,
+    def _run_container(self, spec: DeploymentSpec, image: str, service_dir: Path, suffix: str,
                        http_port: int, grpc_port: int, auth: bool) -> Any:
+        trusted = self._trusted_keys()
         command = ["edge-agent", "serve", "--bundle", BUNDLE_PATH, "--name", spec.name,
-                   "--host", spec.host, "--http-port", str(http_port),
-                   "--grpc-port", str(grpc_port), "--trusted-key", _TRUST_IN_CONTAINER,
-                   "--keys-file", _KEYS_IN_CONTAINER, "--auth" if auth else "--no-auth"]
+                   "--host", spec.host, "--http-port", str(http_port), "--grpc-port", str(grpc_port),
+                   "--keys-file", _KEYS_IN_CONTAINER, "--auth" if auth else "--no-auth",
+                   "--state-file", _STATE_IN_CONTAINER, "--reuse-port"]
+        volumes = {str(service_dir): {"bind": _SERVICE_IN_CONTAINER, "mode": "ro"}}
+        for index, key in enumerate(trusted):
+            inside = f"{_TRUST_IN_CONTAINER}/{index}-{key.name}"
+            command += ["--trusted-key", inside]
+            volumes[str(key)] = {"bind": inside, "mode": "ro"}
         limits: dict[str, Any] = {}
         if spec.cpu:
             limits["nano_cpus"] = int(spec.cpu * 1e9)
         if spec.memory_mb:
             limits["mem_limit"] = f"{spec.memory_mb}m"
-        ready = f"http://127.0.0.1:{http_port}/v2/health/ready"
         healthcheck = {
-            "test": ["CMD", "python3", "-c",
-                     f"import urllib.request; urllib.request.urlopen('{ready}', timeout=2)"],
+            # this container's own readiness (the port may be shared with the one it replaces)
+            "test": ["CMD", "python3", "-c", _HEALTH_PROBE.format(state=_STATE_IN_CONTAINER, port=http_port)],
             "interval": 2_000_000_000, "timeout": 3_000_000_000, "retries": 3,
         }
         return self.client.containers.run(
             image, command, name=f"edgedeploy-{spec.name}-{suffix}", detach=True,
             network_mode="host", healthcheck=healthcheck,
-            labels={"edgedeploy.service": spec.name},
-            volumes={str(keys_file): {"bind": _KEYS_IN_CONTAINER, "mode": "ro"},
-                     str(self._trust_key()): {"bind": _TRUST_IN_CONTAINER, "mode": "ro"}},
-            **limits,
+            labels={"edgedeploy.service": spec.name}, volumes=volumes, **limits,
         )
+
+    @staticmethod
+    def _container_ready(container: Any) -> bool:
+        """Whether this container's server says it is ready (its state file, not the shared port)."""
+        code, output = container.exec_run(["cat", _STATE_IN_CONTAINER])
+        if code != 0:
+            return False
+        try:
+            return bool(json.loads(output).get("ready"))
+        except ValueError:
+            return False
 
     def _wait_container(self, container: Any, http_port: int, timeout: float) -> None:
         url = f"http://127.0.0.1:{http_port}/v2/health/ready"
@@ -126,7 +143,7 @@ class DockerTarget:
                 logs = container.logs(tail=20).decode(errors="replace")
                 raise DeploymentError(f"container {container.name} stopped at start:\n{logs}")
             try:
-                if http_request("GET", url, timeout=2)[0] == 200:
+                if self._container_ready(container) and http_request("GET", url, timeout=2)[0] == 200:
                     return
             except Exception:  # noqa: BLE001 - not listening yet
                 pass
@@ -138,6 +155,12 @@ class DockerTarget:
     def deploy(self, spec: DeploymentSpec, wait: bool = True, timeout: float = 120.0) -> Service:
         """Build the image, run the container, and (optionally) wait until it is ready."""
         spec.validate()
+        try:
+            self.client.ping()  # no engine: fail before anything is written
+        except DeploymentError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the SDK raises requests' and its own errors
+            raise DeploymentError(f"no Docker engine answers ({exc}); set DOCKER_HOST") from None
         files = self._local.files(spec.name)
         self._local.root.mkdir(parents=True, exist_ok=True)
         try:
@@ -159,16 +182,17 @@ class DockerTarget:
         keys = generate_keys()
         atomic_write_json(files.keys, keys)
         build = build_image(self.client, spec.bundle, spec.name, self.base_image)
-        http_port = spec.port or _free_port()
-        grpc_port = spec.grpc_port or _free_port()
+        http_port = spec.port or free_port()
+        grpc_port = spec.grpc_port or free_port()
         auth = bool(spec.auth) if spec.auth is not None else spec.host not in ("127.0.0.1", "localhost", "::1")
-        container = self._run_container(spec, build.tag, files.keys.resolve(), "1", http_port,
+        container = self._run_container(spec, build.tag, files.root.resolve(), "1", http_port,
                                         grpc_port, auth)
         record = {
             "name": spec.name, "target": "docker", "image": build.tag, "container": container.name,
             "generation": 1, "http_port": http_port, "grpc_port": grpc_port, "auth": auth,
             "host": spec.host, "bundle_sha256": build.bundle_sha256, "cpu": spec.cpu,
-            "memory_mb": spec.memory_mb, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "memory_mb": spec.memory_mb, "base_image": self.base_image,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         self._save(spec.name, record)
         if wait:
@@ -224,17 +248,19 @@ class DockerTarget:
     def update(self, name: str, bundle: Path) -> Service:
         """Start a new container from the new bundle, check it, switch, then stop the old one.
 
-        With host networking two containers cannot share a port, so the new one listens on fresh
-        ports and the record switches to them once it is ready.
+        Both containers run with ``--reuse-port``: the new one binds the same ports while the old
+        one serves, and once the new one is ready the old one gets SIGTERM, steers new connections
+        to it, finishes what it holds and exits (see :mod:`edge_agent.handover`). Clients keep
+        their address; a bundle that fails to start leaves the old container serving.
         """
         record = self._record(name)
         files = self._local.files(name)
         spec = DeploymentSpec(name=name, bundle=Path(bundle), cpu=record.get("cpu"),
                               memory_mb=record.get("memory_mb"), host=record.get("host", "127.0.0.1"))
-        build = build_image(self.client, spec.bundle, name, self.base_image)
+        build = build_image(self.client, spec.bundle, name, record.get("base_image", self.base_image))
         generation = int(record.get("generation", 1)) + 1
-        http_port, grpc_port = _free_port(), _free_port()
-        new = self._run_container(spec, build.tag, files.keys.resolve(), str(generation),
+        http_port, grpc_port = int(record["http_port"]), int(record["grpc_port"])
+        new = self._run_container(spec, build.tag, files.root.resolve(), str(generation),
                                   http_port, grpc_port, bool(record["auth"]))
         try:
             self._wait_container(new, http_port, 120.0)
@@ -242,18 +268,20 @@ class DockerTarget:
             new.remove(force=True)
             raise
         old = record["container"]
-        record.update(image=build.tag, container=new.name, generation=generation, http_port=http_port,
-                      grpc_port=grpc_port, bundle_sha256=build.bundle_sha256,
-                      updated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        record.update(image=build.tag, container=new.name, generation=generation,
+                      bundle_sha256=build.bundle_sha256, updated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         self._save(name, record)
-        self._remove(old)
+        self._stop(old)
         return self.status(name)
 
-    def _remove(self, container_name: str) -> None:
+    def _stop(self, container_name: str) -> None:
+        """Stop gracefully (SIGTERM: hand over the ports, finish requests), then remove."""
         import docker
 
         with contextlib.suppress(docker.errors.NotFound):
-            self.client.containers.get(container_name).remove(force=True)
+            container = self.client.containers.get(container_name)
+            container.stop(timeout=_STOP_GRACE_SECONDS)
+            container.remove(force=True)
 
     def _remove_containers(self, name: str) -> None:
         for container in self.client.containers.list(all=True, filters={"label": f"edgedeploy.service={name}"}):

@@ -3,10 +3,10 @@
 Rendering is pure: :func:`render_manifests` turns :class:`KubernetesOptions` into plain dicts
 (Secret, ConfigMap, Deployment, Service, HorizontalPodAutoscaler and, for KServe users, an
 ``InferenceService`` with the same container). ``--dry-run -o DIR`` writes them as YAML with
-:func:`write_manifests`; with a kubeconfig :func:`apply_manifests` sends them through the
-``kubernetes`` client. Applying to a live cluster was not exercised on the build machines (no API
-server can be installed there); the rendered documents are validated against the Kubernetes
-OpenAPI schemas in the tests.
+:func:`write_manifests`; with a kubeconfig :mod:`packager.targets.kubernetes_cluster` applies
+them. Applying to a live cluster was not exercised on the build machines (no API server can be
+installed there); the rendered documents are validated against the Kubernetes OpenAPI schemas,
+and the pod's container spec is run in a real Docker engine, in the tests.
 """
 
 from __future__ import annotations
@@ -20,17 +20,17 @@ from typing import Any
 
 import yaml
 
-from packager.errors import DeploymentError, UsageError
+from packager.errors import UsageError
 from packager.targets.base import check_service_name
 
 __all__ = [
     "BUNDLE_DIR",
     "KubernetesOptions",
-    "apply_manifests",
     "container_spec",
     "render_inference_service",
     "render_manifests",
     "serve_command",
+    "trusted_public_keys",
     "write_manifests",
 ]
 
@@ -64,6 +64,8 @@ class KubernetesOptions:
     target_cpu_percent: int = 70
     init_image: str = "busybox:1.36"
     keys: dict[str, str] = field(default_factory=dict)
+    #: public keys the pod trusts (file name -> PEM); the bundle is refused without one that signed it
+    trusted_keys: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> None:
         """Refuse options no cluster would accept; raises UsageError with what to change."""
@@ -83,6 +85,12 @@ class KubernetesOptions:
             raise UsageError("http and grpc ports must differ")
         if "/" in self.bundle_file or not self.bundle_file:
             raise UsageError(f"bundle file name {self.bundle_file!r} must be a plain file name")
+        if not self.trusted_keys:
+            raise UsageError("the pod needs a trusted public key to verify the bundle: run `edgedeploy keys "
+                             "trust` (or `keys generate`) first")
+        for key_name in self.trusted_keys:
+            if not key_name.endswith(".pub") or "/" in key_name or key_name == "serve.json":
+                raise UsageError(f"trusted key file name {key_name!r} must be a plain NAME.pub")
 
 
 def _labels(opts: KubernetesOptions) -> dict[str, str]:
@@ -125,6 +133,8 @@ def serve_command(opts: KubernetesOptions, bundle_dir: str = BUNDLE_DIR) -> list
         "--http-port", str(opts.http_port),
         "--grpc-port", str(opts.grpc_port),
     ]
+    for key_name in sorted(opts.trusted_keys):
+        command += ["--trusted-key", f"{_CONFIG_DIR}/{key_name}"]
     if opts.auth:
         command += ["--keys-file", f"{_KEYS_DIR}/keys.json", "--auth"]
     else:
@@ -200,6 +210,14 @@ def _serve_config(opts: KubernetesOptions) -> dict[str, Any]:
     }
 
 
+def trusted_public_keys(home: Path | None = None) -> dict[str, str]:
+    """The public keys this host trusts (``EDGEDEPLOY_HOME/trust/*.pub``), as file name -> PEM."""
+    from packager.home import edgedeploy_home
+
+    folder = (home or edgedeploy_home()) / "trust"
+    return {path.name: path.read_text(encoding="utf-8") for path in sorted(folder.glob("*.pub"))}
+
+
 def _keys(opts: KubernetesOptions) -> dict[str, str]:
     if opts.keys:
         return dict(opts.keys)
@@ -234,7 +252,8 @@ def render_manifests(opts: KubernetesOptions, *, kserve: bool = True) -> list[di
                      "metadata": _meta(opts, "-keys"),
                      "stringData": {"keys.json": json.dumps(_keys(opts))}})
     docs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(opts, "-config"),
-                 "data": {"serve.json": json.dumps(_serve_config(opts), sort_keys=True)}})
+                 "data": {"serve.json": json.dumps(_serve_config(opts), sort_keys=True),
+                          **dict(sorted(opts.trusted_keys.items()))}})
     selector = {"app.kubernetes.io/name": opts.name}
     annotations = {"edgedeploy.io/bundle-sha256": opts.bundle_sha256 or ""}
     docs.append({
@@ -274,7 +293,12 @@ def render_manifests(opts: KubernetesOptions, *, kserve: bool = True) -> list[di
 
 
 def write_manifests(docs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-    """Write one YAML file per document (``NN-kind-name.yaml``) plus ``all.yaml``; return the paths."""
+    """Write one YAML file per document (``NN-kind-name.yaml``) and two ready-to-apply sets.
+
+    ``all.yaml`` is the plain set (Deployment, Service, HPA with their Secret and ConfigMap);
+    ``kserve.yaml`` is the KServe set (InferenceService with the same Secret and ConfigMap). Apply
+    one of them, not both: each starts its own pods.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
@@ -283,27 +307,9 @@ def write_manifests(docs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         path = out_dir / name
         path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
         paths.append(path)
-    (out_dir / "all.yaml").write_text(yaml.safe_dump_all(docs, sort_keys=False), encoding="utf-8")
+    plain = [doc for doc in docs if doc["kind"] != "InferenceService"]
+    (out_dir / "all.yaml").write_text(yaml.safe_dump_all(plain, sort_keys=False), encoding="utf-8")
+    if len(plain) < len(docs):
+        shared = [doc for doc in docs if doc["kind"] in ("Secret", "ConfigMap", "InferenceService")]
+        (out_dir / "kserve.yaml").write_text(yaml.safe_dump_all(shared, sort_keys=False), encoding="utf-8")
     return paths
-
-
-def apply_manifests(docs: list[dict[str, Any]], kubeconfig: Path | None = None) -> None:
-    """Create or patch each document through the ``kubernetes`` client (not run against a cluster here)."""
-    try:
-        from kubernetes import client, config, utils  # optional dependency
-    except ImportError as exc:
-        raise DeploymentError(
-            "applying to a cluster needs the 'kubernetes' package (pip install kubernetes), "
-            "or use --dry-run -o DIR and kubectl apply -f DIR"
-        ) from exc
-    config.load_kube_config(config_file=str(kubeconfig) if kubeconfig else None)
-    api = client.ApiClient()
-    custom = client.CustomObjectsApi(api)
-    for doc in docs:
-        log.info("applying %s %s", doc["kind"], doc["metadata"]["name"])
-        if doc["kind"] == "InferenceService":
-            group, version = doc["apiVersion"].split("/")
-            custom.create_namespaced_custom_object(
-                group, version, doc["metadata"]["namespace"], "inferenceservices", doc)
-        else:
-            utils.create_from_dict(api, doc)
