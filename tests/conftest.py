@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,3 +43,34 @@ def digits_mlp(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def digits_cnn(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A digits CNN (onnx.helper): input 'input' [N,1,8,8], output 'probabilities' [N,10]."""
     return build_digits_cnn(tmp_path_factory.mktemp("models") / "digits_cnn.onnx")
+
+
+@pytest.fixture(scope="session")
+def docker_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The URL of a Docker engine that answers: ``DOCKER_HOST``, or Debian's dockerd on a private socket.
+
+    The private engine (root only) lives for the session and is stopped at the end; without
+    dockerd/debootstrap or root the Docker tests skip and say why.
+    """
+    from packager.targets.dockerd import engine_answers, start_private_dockerd
+
+    pytest.importorskip("docker")
+    if os.environ.get("DOCKER_HOST") and engine_answers(os.environ["DOCKER_HOST"]):
+        yield os.environ["DOCKER_HOST"]
+        return
+    if shutil.which("dockerd") is None or shutil.which("debootstrap") is None:
+        pytest.skip("no Docker engine: dockerd/debootstrap not installed (run .ci/install-docker.sh)")
+    if os.geteuid() != 0:
+        pytest.skip("no Docker engine: DOCKER_HOST unset and a private dockerd needs root")
+    private = start_private_dockerd(tmp_path_factory.mktemp("dockerd"))
+    try:
+        yield private.base_url
+    finally:
+        private.stop()
+
+
+@pytest.fixture
+def docker_host(docker_engine: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``DOCKER_HOST`` set to the engine for this test (the CLI and the Python API find it there)."""
+    monkeypatch.setenv("DOCKER_HOST", docker_engine)
+    return docker_engine

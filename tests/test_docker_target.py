@@ -1,107 +1,183 @@
 """Docker target against a real engine: real image builds, real containers, real requests.
 
-Uses ``DOCKER_HOST`` when it answers, else starts Debian's dockerd on a private socket (root only)
-and stops it at the end. The base image's rootfs tar is cached under ~/.cache/edgedeploy.
+The engine comes from the ``docker_engine`` fixture (``DOCKER_HOST``, or Debian's dockerd on a private
+socket). The base image's rootfs tar and the wheelhouse are cached under ~/.cache/edgedeploy, so only
+the first run on a machine pays for debootstrap.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-import shutil
+import subprocess
+import sys
+import threading
+import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from packager.errors import DeploymentError
 from packager.packaging import package
-from packager.targets.base import DeploymentSpec, ServiceState
+from packager.targets.base import ServiceState
+from tests.servers import digits_bundle
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker]
 
-docker = pytest.importorskip("docker")
+EDGEDEPLOY = Path(sys.executable).parent / "edgedeploy"
 
 
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The base URL of a Docker engine that answers (DOCKER_HOST, or a private dockerd)."""
-    from packager.targets.dockerd import engine_answers, start_private_dockerd
-
-    if os.environ.get("DOCKER_HOST") and engine_answers(os.environ["DOCKER_HOST"]):
-        yield os.environ["DOCKER_HOST"]
-        return
-    if shutil.which("dockerd") is None or shutil.which("debootstrap") is None:
-        pytest.skip("no Docker engine: dockerd/debootstrap not installed (run .ci/install-docker.sh)")
-    if os.geteuid() != 0:
-        pytest.skip("no Docker engine: DOCKER_HOST unset and a private dockerd needs root")
-    private = start_private_dockerd(tmp_path_factory.mktemp("dockerd"))
-    try:
-        yield private.base_url
-    finally:
-        private.stop()
+def edgedeploy(*args: str, timeout: float = 600) -> Any:
+    """Run the CLI as a user would (DOCKER_HOST comes from the environment); JSON out."""
+    result = subprocess.run([str(EDGEDEPLOY), *args], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout) if "--json" in args else result.stdout
 
 
-def _score(port: int, body: dict) -> dict:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/score", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+def score(uri: str, body: dict, key: str | None = None) -> dict:
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(uri, data=json.dumps(body).encode(), headers=headers)
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())
 
 
-def test_container_lifecycle(engine: str, digits_mlp: Path, digits, signing_key,
-                             edgedeploy_home: Path, tmp_path: Path) -> None:
-    from packager.targets.docker import DockerTarget
+def _engine_client(docker_host: str) -> Any:
+    import docker
 
-    bundle = package(digits_mlp, "cpu-x86_64", tmp_path / "digits.edb", name="digits").bundle_path
-    trust = sorted((edgedeploy_home / "trust").glob("*.pub"))[0]
-    target = DockerTarget(base_url=engine, trusted_key=trust)
+    return docker.DockerClient(base_url=docker_host)
+
+
+def test_deploy_score_update_under_load_delete(docker_host: str, digits_mlp: Path, digits, signing_key,
+                                               tmp_path: Path) -> None:
+    bundle = digits_bundle(digits_mlp, digits, tmp_path)
+    service = edgedeploy("deploy", "digits-c", "--bundle", str(bundle), "--target", "docker", "--cpu", "1",
+                         "--memory-mb", "512", "--auth", "--timeout", "120", "--json")
+    client = _engine_client(docker_host)
     try:
-        service = target.deploy(DeploymentSpec(name="digits-c", bundle=bundle, cpu=1.0, memory_mb=512,
-                                               auth=False), timeout=120)
-        assert service.state == ServiceState.HEALTHY
-        image = target.client.images.get(service.resources["image"])
-        import hashlib
-        assert image.labels["edgedeploy.bundle.sha256"] == hashlib.sha256(bundle.read_bytes()).hexdigest()
-        container = target.client.containers.get(service.resources["container"])
+        assert service["state"] == ServiceState.HEALTHY and service["auth_enabled"] is True
+        container = client.containers.get(service["resources"]["container"])
         assert container.attrs["HostConfig"]["NanoCpus"] == 1_000_000_000
         assert container.attrs["HostConfig"]["Memory"] == 512 * 1024 * 1024
+        image = client.images.get(service["resources"]["image"])
+        assert image.labels["edgedeploy.bundle.sha256"] == hashlib.sha256(bundle.read_bytes()).hexdigest()
 
-        sample = digits.x_test[:2].tolist() if hasattr(digits, "x_test") else [[0.0] * 64] * 2
-        answer = _score(service.http_port, {"data": sample})
+        keys = edgedeploy("service", "keys", "digits-c", "--json")
+        sample = {"data": digits.x_test[:2].tolist()}
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            score(service["scoring_uri"], sample)
+        assert refused.value.code == 401
+        answer = score(service["scoring_uri"], sample, keys["primary_key"])
         assert answer
 
-        import numpy as np
-        import tritonclient.http as httpclient
-        client = httpclient.InferenceServerClient(f"127.0.0.1:{service.http_port}")
+        import tritonclient.grpc as grpcclient
+        triton = grpcclient.InferenceServerClient(service["grpc_target"])
         try:
-            infer_input = httpclient.InferInput("input", [2, 64], "FP32")
-            infer_input.set_data_from_numpy(np.asarray(sample, dtype=np.float32))
-            result = client.infer("digits-c", [infer_input])
-            assert result.as_numpy("label").shape[0] == 2
+            infer_input = grpcclient.InferInput("input", [2, 64], "FP32")
+            infer_input.set_data_from_numpy(digits.x_test[:2].astype(np.float32))
+            result = triton.infer("digits-c", [infer_input],
+                                  headers={"authorization": f"Bearer {keys['primary_key']}"})
+            assert result.as_numpy("label").tolist() == answer["label"]
         finally:
-            client.close()
+            triton.close()
 
-        # Rebuild from the same bundle and base: every layer comes from the cache.
-        from packager.images import build_image
-        again = build_image(target.client, bundle, "digits-c")
-        assert again.image_id == image.id
+        assert "serving on" in edgedeploy("service", "logs", "digits-c")
+        assert [s["name"] for s in edgedeploy("service", "list", "--json")] == ["digits-c"]
 
-        updated = target.update("digits-c", bundle)
-        assert updated.state == ServiceState.HEALTHY
-        assert updated.resources["container"] != service.resources["container"]
-        assert _score(updated.http_port, {"data": sample}) == answer
+        # a rotated key reaches the running container (its service folder is mounted, not the file)
+        rotated = edgedeploy("service", "keys", "digits-c", "--regenerate", "primary", "--json")
+        _eventually(lambda: score(service["scoring_uri"], sample, rotated["primary_key"]) == answer)
 
-        target.delete("digits-c")
-        left = target.client.containers.list(all=True, filters={"label": "edgedeploy.service=digits-c"})
-        assert left == []
+        # update to a new bundle while clients keep scoring at the same address
+        v2 = package(digits_mlp, "cpu-x86_64", tmp_path / "v2.edb", name="digits", quantize="fp16",
+                     force=True).bundle_path
+        outcomes = _load(service["scoring_uri"], sample, rotated["primary_key"],
+                         lambda: edgedeploy("service", "update", "digits-c", "--bundle", str(v2)))
+        assert outcomes["failed"] == [] and outcomes["ok"] > 20
+        updated = edgedeploy("service", "show", "digits-c", "--json")
+        assert updated["scoring_uri"] == service["scoring_uri"]
+        assert updated["resources"]["container"] != service["resources"]["container"]
+        assert client.images.get(updated["resources"]["image"]).labels["edgedeploy.bundle.sha256"] == \
+            hashlib.sha256(v2.read_bytes()).hexdigest()
+
+        edgedeploy("service", "delete", "digits-c")
+        assert client.containers.list(all=True, filters={"label": "edgedeploy.service=digits-c"}) == []
     finally:
-        target.close()
+        for leftover in client.containers.list(all=True, filters={"label": "edgedeploy.service=digits-c"}):
+            leftover.remove(force=True)
+        client.close()
 
 
-def test_tampered_bundle_refused_at_container_start(engine: str, digits_mlp: Path, signing_key,
+def _eventually(check: Any, timeout: float = 10.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check():
+                return
+        except Exception:  # noqa: BLE001 - retried until the deadline, then re-raised
+            if time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.2)
+
+
+def _load(uri: str, body: dict, key: str, action: Any, clients: int = 4) -> dict[str, Any]:
+    """Score from ``clients`` threads (a new connection per request) while ``action`` runs."""
+    outcomes: dict[str, Any] = {"ok": 0, "failed": []}
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def client() -> None:
+        while not stop.is_set():
+            try:
+                score(uri, body, key)
+                with lock:
+                    outcomes["ok"] += 1
+            except Exception as exc:  # noqa: BLE001 - every failure is recorded and asserted on
+                with lock:
+                    outcomes["failed"].append(repr(exc))
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    try:
+        action()
+        import time
+
+        time.sleep(1.0)  # keep scoring after the old container is gone
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(15)
+    return outcomes
+
+
+def test_rebuild_from_the_same_bundle_reuses_cached_layers(docker_host: str, digits_mlp: Path, digits,
+                                                           signing_key, tmp_path: Path) -> None:
+    from packager.images import build_image
+
+    bundle = digits_bundle(digits_mlp, digits, tmp_path)
+    client = _engine_client(docker_host)
+    try:
+        first = build_image(client, bundle, "digits-cache")
+        again = build_image(client, bundle, "digits-cache")
+        assert again.image_id == first.image_id
+        client.images.remove(first.tag, force=True)
+    finally:
+        client.close()
+
+
+def test_tampered_bundle_refused_at_container_start(docker_host: str, digits_mlp: Path, signing_key,
                                                    edgedeploy_home: Path, tmp_path: Path) -> None:
+    from packager.targets.base import DeploymentSpec
     from packager.targets.docker import DockerTarget
 
     bundle = package(digits_mlp, "cpu-x86_64", tmp_path / "digits.edb", name="digits").bundle_path
@@ -109,11 +185,11 @@ def test_tampered_bundle_refused_at_container_start(engine: str, digits_mlp: Pat
     data[len(data) // 2] ^= 0xFF
     bad = tmp_path / "tampered.edb"
     bad.write_bytes(bytes(data))
-    trust = sorted((edgedeploy_home / "trust").glob("*.pub"))[0]
-    target = DockerTarget(base_url=engine, trusted_key=trust)
+    target = DockerTarget()
     try:
         with pytest.raises(DeploymentError, match="stopped at start"):
             target.deploy(DeploymentSpec(name="digits-bad", bundle=bad, auth=False), timeout=60)
         assert target.client.containers.list(all=True, filters={"label": "edgedeploy.service=digits-bad"}) == []
+        assert not (edgedeploy_home / "services" / "digits-bad").exists()
     finally:
         target.close()
