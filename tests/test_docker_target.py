@@ -80,7 +80,7 @@ def test_deploy_score_update_under_load_delete(docker_host: str, digits_mlp: Pat
         try:
             infer_input = grpcclient.InferInput("input", [2, 64], "FP32")
             infer_input.set_data_from_numpy(digits.x_test[:2].astype(np.float32))
-            result = triton.infer("digits-c", [infer_input],
+            result = triton.infer("digits", [infer_input],
                                   headers={"authorization": f"Bearer {keys['primary_key']}"})
             assert result.as_numpy("label").tolist() == answer["label"]
         finally:

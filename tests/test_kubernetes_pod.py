@@ -99,14 +99,14 @@ def test_the_pod_container_spec_runs_and_answers_tritonclient(docker_host: str, 
             grpc_input = grpcclient.InferInput("input", list(x.shape), "FP32")
             grpc_input.set_data_from_numpy(x)
             # copies: tritonclient's HTTP client adds its own entries to the dict it is given
-            by_http = http.infer("digits-k8s", [http_input], headers=dict(headers)).as_numpy("label")
-            by_grpc = grpc.infer("digits-k8s", [grpc_input], headers=dict(headers)).as_numpy("label")
+            by_http = http.infer("digits", [http_input], headers=dict(headers)).as_numpy("label")
+            by_grpc = grpc.infer("digits", [grpc_input], headers=dict(headers)).as_numpy("label")
         finally:
             http.close()
             grpc.close()
         assert by_http.tolist() == by_grpc.tolist()
         assert (by_http == digits.y_test[:4]).mean() >= 0.75
-        assert _http(f"http://127.0.0.1:{port}/v2/models/digits-k8s") == 401  # the Secret's keys are enforced
+        assert _http(f"http://127.0.0.1:{port}/v2/models/digits") == 401  # the Secret's keys are enforced
         served = json.loads(docs["ConfigMap"]["data"]["serve.json"])
         assert served["bundle_sha256"] == image.bundle_sha256
     finally:

@@ -98,7 +98,7 @@ class DockerTarget:
     def _run_container(self, spec: DeploymentSpec, image: str, service_dir: Path, suffix: str,
                        http_port: int, grpc_port: int, auth: bool) -> Any:
         trusted = self._trusted_keys()
-        command = ["edge-agent", "serve", "--bundle", BUNDLE_PATH, "--name", spec.name,
+        command = ["edge-agent", "serve", "--bundle", BUNDLE_PATH,  # served under the bundle's model name
                    "--host", spec.host, "--http-port", str(http_port), "--grpc-port", str(grpc_port),
                    "--keys-file", _KEYS_IN_CONTAINER, "--auth" if auth else "--no-auth",
                    "--state-file", _STATE_IN_CONTAINER, "--reuse-port"]

@@ -127,8 +127,7 @@ def serve_command(opts: KubernetesOptions, bundle_dir: str = BUNDLE_DIR) -> list
     """The container command: the same ``edge-agent serve`` a local service runs."""
     command = [
         "edge-agent", "serve",
-        "--bundle", f"{bundle_dir}/{opts.bundle_file}",
-        "--name", opts.name,
+        "--bundle", f"{bundle_dir}/{opts.bundle_file}",  # served under the bundle's model name
         "--host", "0.0.0.0",
         "--http-port", str(opts.http_port),
         "--grpc-port", str(opts.grpc_port),
