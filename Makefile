@@ -16,6 +16,7 @@ setup: $(STAMP)
 
 system-deps:
 	@bash .ci/system-deps.sh
+	@sh .ci/install-docker.sh
 
 demo: setup system-deps
 	$(BIN)/python -m packager.demo
@@ -23,9 +24,8 @@ demo: setup system-deps
 test: setup system-deps
 	$(BIN)/python -m pytest -q
 
-test-docker: setup
-	bash .ci/install-docker.sh
-	$(BIN)/python -m pytest -q -m docker tests/test_docker_target.py
+test-docker: setup system-deps
+	$(BIN)/python -m pytest -q -m docker
 
 bench: setup
 	$(BIN)/pip install -q --no-deps rapidocr_onnxruntime==1.4.4  # ships a 10.9 MB conv ONNX model
