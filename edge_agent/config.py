@@ -53,6 +53,7 @@ AGENT_CONFIG_SCHEMA: dict[str, Any] = {
         "reconnect_min_s": {"type": "number", "exclusiveMinimum": 0},
         "reconnect_max_s": {"type": "number", "exclusiveMinimum": 0},
         "log_level": {"enum": ["DEBUG", "INFO", "WARNING", "ERROR"]},
+        "simulate_accelerators": {"type": "boolean"},
     },
 }
 
@@ -84,6 +85,8 @@ class AgentConfig:
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 30.0
     log_level: str = "INFO"
+    # serve FPGA bundles through the board's simulator when the board is absent (test benches, CI)
+    simulate_accelerators: bool = False
 
     @property
     def broker_host(self) -> str:

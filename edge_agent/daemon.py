@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from packager.bundle import BundleManifest, load_extracted, open_bundle
+from packager.bundle import BundleManifest, load_extracted, open_bundle, read_manifest
 from packager.errors import DeploymentError, EdgeDeployError, ValidationError
 from packager.keys import TrustStore
 
@@ -227,6 +227,7 @@ class EdgeAgent:
         path = await asyncio.to_thread(download_bundle, order["bundle_url"], order["bundle_sha256"],
                                        self.store.downloads, self.config.max_download_bytes)
         self._advance(Event.OK)  # -> verifying
+        await asyncio.to_thread(self._check_hardware, path)
         slot = self.store.deployment["slot"]
         target = self.store.prepare_slot(slot)
         manifest = await asyncio.to_thread(open_bundle, path, target, self.trust)
@@ -242,6 +243,16 @@ class EdgeAgent:
                                  "model": _model_of(manifest), "deployment_id": order.get("deployment_id")})
         self._advance(Event.OK)  # -> active
         path.unlink(missing_ok=True)
+
+    def _check_hardware(self, path: Path) -> None:
+        """Refuse, before anything is unpacked, a bundle bound to an accelerator this device lacks."""
+        from packager.profiles import load_profile
+
+        from .fpga.binding import check_binding
+
+        manifest, _signature = read_manifest(path, self.trust)
+        accelerators = list(load_profile(self.config.profile).document.get("accelerators", []))
+        check_binding(manifest.accelerator, accelerators, simulated=self.config.simulate_accelerators)
 
     def _check_downgrade(self, model: dict[str, Any], order: dict[str, Any]) -> None:
         active = (self.store.active or {}).get("model") or {}

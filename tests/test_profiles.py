@@ -14,7 +14,7 @@ from packager.errors import NotFoundError, ValidationError
 from packager.profiles import BUILTIN_PROFILES_DIR, list_profiles, load_profile, validate_profile
 
 REQUIRED = {"cpu-x86_64", "cpu-arm64", "nvidia-jetson-orin", "nvidia-gpu-server", "xilinx-kria-kv260",
-            "fpga-emulator"}
+            "fpga-emulator", "lattice-ice40-up5k"}
 
 
 def test_every_required_profile_ships_and_validates() -> None:
