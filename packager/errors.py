@@ -19,6 +19,7 @@ __all__ = [
     "InvalidInputError",
     "ModelNotReadyError",
     "NotFoundError",
+    "PackagingError",
     "PayloadTooLargeError",
     "SignatureError",
     "UnsafeArchiveError",
@@ -70,6 +71,11 @@ class UnsafeArchiveError(BundleError):
 
 class DeploymentError(EdgeDeployError):
     """A service could not be started, reached or changed on its deploy target."""
+
+
+class PackagingError(EdgeDeployError):
+    """The model cannot be built for the profile: an unsupported operator, a design that does not fit,
+    a compiler or tool that failed or is missing."""
 
 
 class AccuracyError(EdgeDeployError):

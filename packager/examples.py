@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DigitsData", "build_digits_cnn", "build_digits_mlp", "digits_data"]
+__all__ = ["DigitsData", "build_digits_cnn", "build_digits_dense_mlp", "build_digits_mlp", "digits_data"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,44 @@ def build_digits_mlp(out: Path, hidden: int = 64, seed: int = 0) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(onx.SerializeToString())
+    return out
+
+
+def build_digits_dense_mlp(out: Path, hidden: int = 32, seed: int = 0) -> Path:
+    """A digits MLP as a framework would export it: Gemm > Relu > Gemm > Softmax (the FPGA targets' shape).
+
+    Trained with scikit-learn, written with onnx.helper. Input ``input`` [N,64] float32 in [0, 1],
+    output ``probabilities`` [N,10].
+    """
+    import warnings
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.neural_network import MLPClassifier
+
+    data = digits_data(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf = MLPClassifier(hidden_layer_sizes=(hidden,), max_iter=600, random_state=seed).fit(data.x_train,
+                                                                                              data.y_train)
+    (w1, w2), (b1, b2) = clf.coefs_, clf.intercepts_
+    inits = [numpy_helper.from_array(np.ascontiguousarray(w.T).astype(np.float32), f"fc{i}.weight")
+             for i, w in ((1, w1), (2, w2))]
+    inits += [numpy_helper.from_array(b.astype(np.float32), f"fc{i}.bias") for i, b in ((1, b1), (2, b2))]
+    nodes = [helper.make_node("Gemm", ["input", "fc1.weight", "fc1.bias"], ["h"], name="fc1", transB=1),
+             helper.make_node("Relu", ["h"], ["a"], name="relu1"),
+             helper.make_node("Gemm", ["a", "fc2.weight", "fc2.bias"], ["logits"], name="fc2", transB=1),
+             helper.make_node("Softmax", ["logits"], ["probabilities"], name="softmax", axis=1)]
+    graph = helper.make_graph(nodes, "digits_mlp", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                  ["N", 64])],
+                              [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(out))
     return out
 
 

@@ -31,7 +31,7 @@ from packager.tensors import TensorSpec, v2_to_numpy
 __all__ = ["PackageResult", "ResolvedModel", "package", "parse_batching", "resolve_model"]
 
 Progress = Callable[[str], AbstractContextManager[None]]
-_SERVED_BACKENDS = ("onnxruntime",)
+_SERVED_BACKENDS = ("onnxruntime", "hls4ml", "ice40")
 
 
 @dataclass(frozen=True)
@@ -219,6 +219,37 @@ def _package_onnx(
     return packaged, runtime, inputs, outputs, report
 
 
+def _package_fpga(
+    model: ResolvedModel, device: DeviceProfile, opts: _Options, scratch: Path, step: Progress,
+    payload: dict[str, PayloadSource], roles: dict[str, str],
+) -> tuple[dict[str, Any], list[TensorSpec], list[TensorSpec], dict[str, Any], dict[str, Any]]:
+    """Compile for the profile's FPGA (see :mod:`packager.fpga.stage`); the source model rides along."""
+    from packager.fpga.stage import compile_for_profile
+
+    if opts.quantize not in (None, "none"):
+        raise UsageError(f"--quantize does not apply to {device.name}: its compiler chooses fixed-point or int8 "
+                         "types itself from the calibration set")
+    inputs, outputs = describe_io(model.path)
+    names = [s.name for s in inputs]
+    calibration = None
+    if opts.calibration is not None:
+        calibration = match_inputs(load_arrays(opts.calibration, "calibration set"), names, "calibration set")
+    labels = None
+    if opts.validation is not None:
+        arrays, y = split_labels(load_arrays(opts.validation, "validation set"))
+        if y is not None:
+            labels = (match_inputs(arrays, names, "validation set")[names[0]], y)
+    with step(f"compiling for {device.name} ({device.backend})"):
+        stage = compile_for_profile(model.path, device, None if calibration is None else calibration[names[0]],
+                                    scratch, labels)
+    payload["model/model.onnx"] = model.path
+    roles["model/model.onnx"] = "model"
+    for path, source in stage.payload.items():
+        payload[path], roles[path] = source, "accelerator"
+    report = {"quantization": "none", "precision": stage.runtime["precision"], "accelerator": stage.report}
+    return stage.runtime, inputs, outputs, report, stage.accelerator
+
+
 def _stored_report(report: dict[str, Any], reproducible: bool) -> dict[str, Any]:
     """The report kept in the bundle: without timings when the bundle must be reproducible."""
     if not reproducible:
@@ -298,10 +329,8 @@ def package(
     key = load_signing_key(key_name)
     device = load_profile(profile)
     if device.backend not in _SERVED_BACKENDS:
-        raise UsageError(
-            f"profile {device.name} uses the {device.backend} backend, which this version cannot package yet "
-            f"(FPGA compilation is not built); use a profile with the onnxruntime backend"
-        )
+        raise UsageError(f"profile {device.name} uses the {device.backend} backend, which this version cannot "
+                         f"package; use one of: {', '.join(_SERVED_BACKENDS)}")
     if max_accuracy_drop < 0:
         raise UsageError("--max-accuracy-drop must be zero or more points")
     resolved = resolve_model(model, name)
@@ -326,7 +355,13 @@ def _build(
     inputs: list[TensorSpec] = []
     outputs: list[TensorSpec] = []
     packaged: Path | None = None
-    if model.is_onnx:
+    accelerator = None
+    if model.is_onnx and device.backend != "onnxruntime":
+        if entry_script is not None:
+            raise UsageError(f"profile {device.name} compiles the model for an FPGA: an entry script cannot run there")
+        runtime, inputs, outputs, report, accelerator = _package_fpga(model, device, opts, scratch, step,
+                                                                      payload, roles)
+    elif model.is_onnx:
         packaged, runtime, inputs, outputs, report = _package_onnx(model, device, opts, scratch, step)
         payload["model/model.onnx"] = packaged
         roles["model/model.onnx"] = "model"
@@ -347,7 +382,7 @@ def _build(
     samples = _samples(opts, packaged, inputs, entry_doc is None, payload, roles)
     manifest = BundleManifest(
         model=model.info, profile=device.to_dict(), runtime=runtime, inputs=inputs, outputs=outputs,
-        entry_script=entry_doc, samples=samples, batching=batching,
+        entry_script=entry_doc, samples=samples, batching=batching, accelerator=accelerator,
         report=_stored_report(report, opts.reproducible), created_by=f"edgedeploy {_version()}",
     )
     with step("signing and writing the bundle"):

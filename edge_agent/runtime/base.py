@@ -28,6 +28,8 @@ CURRENT_MODEL_DIR: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
 BACKENDS = {
     "onnxruntime": "edge_agent.runtime.onnx",
     "entry-script": "edge_agent.runtime.entry_script",
+    "hls4ml": "edge_agent.runtime.hls",
+    "ice40": "edge_agent.runtime.ice40",
 }
 
 

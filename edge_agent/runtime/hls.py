@@ -1,0 +1,80 @@
+"""The ``hls4ml`` backend: an HLS firmware served through its bit-accurate C simulation (the FPGA emulator).
+
+The servers see an ordinary model: the same inputs and outputs as the ONNX model it was compiled from.
+The firmware computes the logits in fixed point; a Softmax the compiler left out of the firmware runs
+here in float32 (``runtime.host_softmax``). On a board the same firmware is loaded by
+:mod:`edge_agent.fpga.loaders` instead.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent.fpga.csim import CSimModel
+from edge_agent.runtime.base import ModelInfo, ModelSpecs, validate_inputs
+from edge_agent.runtime.onnx import parse_score_body
+from packager.bundle import BundleManifest
+from packager.errors import BundleError
+
+__all__ = ["FirmwareModel", "fpga_cache_dir", "load", "softmax"]
+
+
+def fpga_cache_dir(info: ModelInfo) -> Path:
+    """Where compiled simulations are kept: ``EDGEDEPLOY_FPGA_CACHE``, the agent's workdir, or ~/.cache."""
+    configured = os.environ.get("EDGEDEPLOY_FPGA_CACHE")
+    if configured:
+        return Path(configured)
+    if info.workdir is not None:
+        return Path(info.workdir) / "fpga-cache"
+    return Path.home() / ".cache" / "edgedeploy" / "fpga"
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float32."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+class FirmwareModel(ModelSpecs):
+    """Named tensors in, the firmware's outputs (softmaxed on the host when asked) out."""
+
+    def __init__(self, simulation: Any, info: ModelInfo, host_softmax: bool) -> None:
+        self.simulation = simulation
+        self.info = info
+        self.host_softmax = host_softmax
+        self.inline = False
+        if len(info.inputs) != 1 or len(info.outputs) != 1:
+            raise BundleError("an FPGA bundle has exactly one input and one output tensor")
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = inputs[self.info.inputs[0].name]
+        values = self.simulation.predict(np.asarray(x).reshape(len(x), -1))
+        result = softmax(values) if self.host_softmax else values.astype(np.float32)
+        return {self.info.outputs[0].name: result}
+
+    def score(self, body: Any, content_type: str) -> Any:
+        named = parse_score_body(body, [spec.name for spec in self.info.inputs])
+        outputs = self.infer(validate_inputs(self.info.inputs, named))
+        return {name: value.tolist() for name, value in outputs.items()}
+
+    def schema(self) -> dict[str, Any] | None:
+        return None
+
+    def unload(self) -> None:
+        self.simulation = None
+
+
+def load(bundle_dir: Path, manifest: BundleManifest, info: ModelInfo) -> FirmwareModel:
+    """Build (or reuse) the C simulation of the bundle's firmware."""
+    project = bundle_dir / str(manifest.runtime.get("firmware", "accelerator/firmware"))
+    if not project.is_dir():
+        raise BundleError(f"the bundle has no firmware folder at {project.relative_to(bundle_dir)}")
+    sizes = manifest.runtime.get("io") or {}
+    simulation = CSimModel.build(project, fpga_cache_dir(info), int(sizes["inputs"]), int(sizes["outputs"]))
+    info.details["accelerator"] = "fpga emulator (hls4ml C simulation, bit-accurate)"
+    return FirmwareModel(simulation, info, bool(manifest.runtime.get("host_softmax")))

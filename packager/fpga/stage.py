@@ -1,0 +1,125 @@
+"""The packaging stage for FPGA profiles: compile, describe the accelerator, and list the artifacts.
+
+The packager calls :func:`compile_for_profile` instead of the onnxruntime stages when a profile's
+backend is ``hls4ml`` or ``ice40``. The source ONNX model stays in the bundle (``model/model.onnx``);
+the firmware or the RTL and bitstream go under ``accelerator/``, hashed and signed with everything
+else, and the manifest's ``accelerator`` section names the board, the part, the shell and the
+digest of the artifact, so neither the model nor the hardware image can be swapped alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from packager.errors import PackagingError, UsageError
+from packager.profiles import DeviceProfile
+
+__all__ = ["FPGA_BACKENDS", "AcceleratorStage", "compile_for_profile", "tree_digest"]
+
+FPGA_BACKENDS = ("hls4ml", "ice40")
+
+
+@dataclass
+class AcceleratorStage:
+    """What the stage adds to a bundle."""
+
+    payload: dict[str, Path] = field(default_factory=dict)
+    runtime: dict[str, Any] = field(default_factory=dict)
+    accelerator: dict[str, Any] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def tree_digest(root: Path) -> str:
+    """sha256 over the sorted relative paths and bytes of every file under ``root``."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _board(profile: DeviceProfile) -> dict[str, Any]:
+    boards = [a for a in profile.document.get("accelerators", []) if a.get("kind") == "fpga"]
+    if not boards:
+        raise UsageError(f"profile {profile.name} names no FPGA accelerator")
+    board = boards[0]
+    return {"kind": "fpga", "vendor": board["vendor"], "board": board["model"], "part": board.get("part"),
+            "shell_version": board.get("shell_version")}
+
+
+def _files(root: Path, prefix: str) -> dict[str, Path]:
+    return {f"{prefix}/{p.relative_to(root).as_posix()}": p for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def compile_for_profile(model: Path, profile: DeviceProfile, calibration: np.ndarray | None, scratch: Path,
+                        labels: tuple[np.ndarray, np.ndarray] | None = None) -> AcceleratorStage:
+    """Compile ``model`` for the profile's FPGA; ``labels`` (x, y) adds held-out accuracy to the report."""
+    if calibration is None:
+        raise UsageError(f"packaging for {profile.name} needs --calibration FILE.npz: the precision search and "
+                         "the int8 scales are chosen on it")
+    if profile.backend == "hls4ml":
+        return _hls(model, profile, calibration, scratch, labels)
+    if profile.backend == "ice40":
+        return _ice40(model, profile, calibration, scratch, labels)
+    raise PackagingError(f"profile {profile.name}: no FPGA compiler for backend {profile.backend!r}")
+
+
+def _accuracy(predict: Any, labels: tuple[np.ndarray, np.ndarray] | None) -> float | None:
+    if labels is None:
+        return None
+    x, y = labels
+    return float((np.asarray(predict(x)).argmax(axis=1) == y).mean())
+
+
+def _hls(model: Path, profile: DeviceProfile, calibration: np.ndarray, scratch: Path,
+         labels: tuple[np.ndarray, np.ndarray] | None) -> AcceleratorStage:
+    from packager.fpga.fixed import FirmwareReference
+    from packager.fpga.hls import compile_hls, float_forward
+    from packager.fpga.lower import Dense, lower_onnx
+
+    board = _board(profile)
+    build = compile_hls(model, calibration, scratch / "firmware", part=str(board["part"]))
+    dense = [layer for layer in lower_onnx(model) if isinstance(layer, Dense)]
+    report = build.report([d.name for d in dense])
+    reference = FirmwareReference(build.project)
+    report["accuracy_fixed"] = _accuracy(reference.predict, labels)
+    report["accuracy_fp32"] = _accuracy(lambda x: float_forward(dense, x)[0], labels)
+    accelerator = {**board, "backend": "hls4ml", "firmware": "accelerator/firmware",
+                   "firmware_sha256": tree_digest(build.project), "precision": report["precision"]}
+    runtime = {"backend": "hls4ml", "model_path": "model/model.onnx", "precision": "fixed",
+               "firmware": "accelerator/firmware", "host_softmax": build.host_softmax,
+               "io": {"inputs": build.inputs, "outputs": build.outputs},
+               "execution_providers": ["CPUExecutionProvider"]}
+    return AcceleratorStage(_files(build.project, "accelerator/firmware"), runtime, accelerator, report)
+
+
+def _ice40(model: Path, profile: DeviceProfile, calibration: np.ndarray, scratch: Path,
+           labels: tuple[np.ndarray, np.ndarray] | None) -> AcceleratorStage:
+    from packager.fpga.ice40 import build_bitstream, generate_verilog
+    from packager.fpga.int8 import quantize_mlp
+
+    board = _board(profile)
+    qmodel = quantize_mlp(model, calibration)
+    rtl = scratch / "rtl"
+    generate_verilog(qmodel, rtl)
+    bitstream = build_bitstream(rtl, scratch / "bitstream")
+    report = {"toolchain": bitstream.toolchain, "quantization": qmodel.describe(), "resources": bitstream.resources,
+              "fmax_mhz": bitstream.fmax_mhz, "cycles_per_inference": qmodel.cycles,
+              "inferences_per_second_at_fmax": bitstream.fmax_mhz * 1e6 / qmodel.cycles,
+              "agreement_top1": float((qmodel.predict(calibration).argmax(1) == qmodel.float_logits(calibration)
+                                       .argmax(1)).mean()),
+              "accuracy_int8": _accuracy(qmodel.predict, labels), "accuracy_fp32": _accuracy(qmodel.float_logits,
+                                                                                           labels)}
+    payload = _files(rtl, "accelerator/rtl")
+    payload["accelerator/ice40.bin"] = bitstream.path
+    accelerator = {**board, "backend": "ice40", "rtl": "accelerator/rtl", "bitstream": "accelerator/ice40.bin",
+                   "bitstream_sha256": bitstream.sha256, "rtl_sha256": tree_digest(rtl),
+                   "resources": bitstream.resources, "fmax_mhz": bitstream.fmax_mhz}
+    runtime = {"backend": "ice40", "model_path": "model/model.onnx", "precision": "int8", "rtl": "accelerator/rtl",
+               "bitstream": "accelerator/ice40.bin", "host_softmax": qmodel.host_softmax,
+               "quantization": qmodel.runtime_params(), "execution_providers": ["CPUExecutionProvider"]}
+    return AcceleratorStage(payload, runtime, accelerator, report)

@@ -1,0 +1,168 @@
+"""The HLS target end to end: lowering, precision search, hls4ml firmware, bit-accurate emulator, bundle, serving."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from edge_agent.fpga.csim import CSimModel
+from packager.bundle import open_bundle
+from packager.errors import PackagingError, UsageError
+from packager.examples import build_digits_dense_mlp
+from packager.fpga.fixed import FirmwareReference, FixedType, parse_fixed, to_fixed
+from packager.fpga.hls import HLS_WIDTHS, compile_hls, float_forward
+from packager.fpga.lower import Conv2D, Dense, Flatten, MaxPool2D, Relu, Softmax, lower_onnx
+from packager.packaging import package
+from tests.servers import post_json, serving
+
+pytest.importorskip("hls4ml")
+pytestmark = pytest.mark.slow
+PART = "xck26-sfvc784-2LV-c"
+
+
+@pytest.fixture(scope="module")
+def dense_mlp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_digits_dense_mlp(tmp_path_factory.mktemp("fpga") / "digits_dense.onnx")
+
+
+@pytest.fixture(scope="module")
+def firmware(dense_mlp: Path, digits, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    folder = tmp_path_factory.mktemp("fw")
+    (folder / "source.onnx").write_bytes(dense_mlp.read_bytes())
+    return compile_hls(dense_mlp, digits.x_train[:500], folder / "build" / "project", part=PART)
+
+
+@pytest.fixture(scope="module")
+def simulation(firmware, tmp_path_factory: pytest.TempPathFactory) -> CSimModel:  # type: ignore[no-untyped-def]
+    return CSimModel.build(firmware.project, tmp_path_factory.mktemp("csim-cache"), 64, 10)
+
+
+def test_lowering_reads_dense_and_conv_chains(dense_mlp: Path, digits_cnn: Path) -> None:
+    assert [type(layer) for layer in lower_onnx(dense_mlp)] == [Dense, Relu, Dense, Softmax]
+    assert lower_onnx(dense_mlp)[0].weight.shape == (64, 32)
+    assert [type(layer) for layer in lower_onnx(digits_cnn)] == [Conv2D, Relu, MaxPool2D, Flatten, Dense, Softmax]
+
+
+def test_unsupported_operators_are_all_listed(digits_mlp: Path) -> None:
+    with pytest.raises(PackagingError) as refused:
+        lower_onnx(digits_mlp)  # skl2onnx's graph: ArgMax, Cast, ... besides the dense layers
+    message = str(refused.value)
+    assert "ArgMax" in message and "Cast" in message and "(supported: Add, Conv" in message
+
+
+def test_ap_fixed_conversion_truncates_and_wraps() -> None:
+    kind = parse_fixed("ap_fixed<6,2>")
+    assert kind == FixedType(6, 2) and parse_fixed("ap_ufixed<8,4>") == FixedType(8, 4, signed=False)
+    assert parse_fixed("ap_uint<1>") == FixedType(1, 1, signed=False)
+    # 4 fraction bits: 0.99 -> 15/16; -0.01 -> -1/16 (toward -inf); 2.0 wraps to -2.0
+    assert to_fixed(np.array([0.99, -0.01, 2.0, 1.9375]), kind).tolist() == [15, -1, -32, 31]
+
+
+def test_precision_search_narrows_and_keeps_agreement(firmware, digits) -> None:  # type: ignore[no-untyped-def]
+    chosen = firmware.precision
+    assert chosen.input.width < HLS_WIDTHS[0] and chosen.weights[0].width < HLS_WIDTHS[0]
+    assert firmware.agreement >= 0.99  # measured on the written firmware, not on the search's model
+    kept = [t for t in firmware.trials if t["kept"]]
+    assert all(t["agreement_top1"] >= 0.99 for t in kept)
+    refused = [t for t in firmware.trials if not t["kept"]]
+    assert refused and all(t["agreement_top1"] < 0.99 for t in refused)  # each knob stopped where it failed
+    report = json.loads((firmware.project / "precision.json").read_text())
+    assert report["precision"]["input"] == str(chosen.input)
+    assert report["estimate"]["multipliers"] > 0 and report["estimate"]["latency_cycles"] > 0
+
+
+def test_a_max_error_goal_chooses_wider_types(dense_mlp: Path, digits, firmware, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    strict = compile_hls(dense_mlp, digits.x_train[:300], tmp_path / "strict", part=PART, max_error=0.05)
+    assert strict.max_abs_error <= 0.05
+    assert strict.precision.weights[0].width > firmware.precision.weights[0].width
+
+
+def test_firmware_project_is_relocatable(firmware) -> None:  # type: ignore[no-untyped-def]
+    for path in firmware.project.rglob("*"):
+        if path.is_file():
+            assert str(firmware.project) not in path.read_text(errors="ignore"), path
+    assert not list(firmware.project.rglob("*.so"))
+    assert (firmware.project / "build_prj.tcl").is_file() and (firmware.project / "firmware" / "weights").is_dir()
+
+
+def test_emulator_is_bit_accurate(simulation: CSimModel, firmware, digits) -> None:  # type: ignore[no-untyped-def]
+    """The C simulation equals the independent integer reference exactly, for every held-out digit."""
+    emulated = simulation.predict(digits.x_test)
+    reference = FirmwareReference(firmware.project).predict(digits.x_test)
+    assert np.array_equal(emulated, reference)
+    # the exactness is that of the chosen fixed-point types: both differ from the fp32 logits
+    dense = [layer for layer in lower_onnx(firmware_model(firmware)) if isinstance(layer, Dense)]
+    assert np.abs(emulated - float_forward(dense, digits.x_test)[0]).max() > 1e-3
+    step = 2.0 ** -firmware_output_fraction(firmware)
+    assert np.array_equal(np.round(emulated / step), emulated / step)  # every output is on the type's grid
+
+
+def firmware_model(firmware) -> Path:  # type: ignore[no-untyped-def]
+    return firmware.project.parent.parent / "source.onnx"
+
+
+def firmware_output_fraction(firmware) -> int:  # type: ignore[no-untyped-def]
+    return FirmwareReference(firmware.project).steps[-1].result.fraction
+
+
+def test_emulator_agrees_with_onnxruntime(simulation: CSimModel, dense_mlp: Path, digits) -> None:
+    fp32 = ort.InferenceSession(str(dense_mlp)).run(None, {"input": digits.x_test})[0]
+    agreement = (simulation.predict(digits.x_test).argmax(1) == fp32.argmax(1)).mean()
+    assert agreement >= 0.97
+
+
+def test_simulation_is_cached_by_firmware_digest(firmware, simulation: CSimModel) -> None:  # type: ignore[no-untyped-def]
+    again = CSimModel.build(firmware.project, simulation.library.parent.parent, 64, 10)
+    assert again.library == simulation.library
+    assert again.library.stat().st_mtime == simulation.library.stat().st_mtime
+
+
+def test_conv_models_are_refused_by_the_hls_target_with_the_reason(digits_cnn: Path, digits, tmp_path: Path) -> None:
+    with pytest.raises(PackagingError, match="builds dense chains"):
+        compile_hls(digits_cnn, digits.x_train[:50].reshape(-1, 1, 8, 8), tmp_path / "cnn", part=PART)
+
+
+def test_package_and_serve_on_the_emulator(dense_mlp: Path, digits, signing_key, tmp_path: Path) -> None:
+    np.savez(tmp_path / "calib.npz", input=digits.x_train[:400])
+    np.savez(tmp_path / "valid.npz", input=digits.x_test, label=digits.y_test)
+    result = package(dense_mlp, "fpga-emulator", tmp_path / "digits-fpga.edb", name="digits",
+                     calibration=tmp_path / "calib.npz", validation=tmp_path / "valid.npz")
+    manifest = result.manifest
+    assert manifest.runtime["backend"] == "hls4ml" and manifest.accelerator["board"] == "emulator"
+    assert manifest.accelerator["firmware_sha256"] and manifest.report["accelerator"]["accuracy_fixed"] > 0.9
+    roles = {entry.role for entry in manifest.files}
+    assert {"model", "accelerator"} <= roles
+    unpacked = tmp_path / "unpacked"
+    open_bundle(result.bundle_path, unpacked)
+    with serving(tmp_path / "work", [result.bundle_path]) as server:
+        status, answer = post_json(f"{server.http}/score", {"data": digits.x_test[:8].tolist()})
+        assert status == 200
+        probabilities = np.asarray(answer["probabilities"])
+        assert probabilities.shape == (8, 10) and np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+        reference = FirmwareReference(unpacked / "accelerator" / "firmware").predict(digits.x_test[:8])
+        assert np.array_equal(probabilities.argmax(1), reference.argmax(1))
+        status, bad = post_json(f"{server.http}/score", {"data": [[0.0] * 63]})
+        assert status == 400
+
+
+def test_fpga_packaging_needs_calibration(dense_mlp: Path, signing_key, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="--calibration"):
+        package(dense_mlp, "fpga-emulator", tmp_path / "x.edb")
+    assert not (tmp_path / "x.edb").exists()
+
+
+def test_unsupported_model_is_refused_when_packaging(signing_key, digits, tmp_path: Path) -> None:
+    node = helper.make_node("Tanh", ["input"], ["out"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 64])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 64])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "tanh.onnx")
+    np.savez(tmp_path / "calib.npz", input=digits.x_train[:10])
+    with pytest.raises(PackagingError, match="Tanh"):
+        package(tmp_path / "tanh.onnx", "fpga-emulator", tmp_path / "t.edb", calibration=tmp_path / "calib.npz")
