@@ -18,8 +18,8 @@ from packager.bundle import BundleManifest
 from packager.errors import BundleError
 from packager.tensors import TensorSpec
 
-__all__ = ["BACKENDS", "CURRENT_MODEL_DIR", "LoadedModel", "ModelInfo", "ModelSpecs", "load_model", "register_backend",
-           "validate_inputs"]
+__all__ = ["BACKENDS", "CURRENT_MODEL_DIR", "LoadedModel", "ModelInfo", "ModelSpecs", "TensorScoring", "load_model",
+           "register_backend", "validate_inputs"]
 
 # the model folder of the entry script being called (init/run), read by runtime.get_model_dir()
 CURRENT_MODEL_DIR: contextvars.ContextVar[Path | None] = contextvars.ContextVar("edgedeploy_model_dir", default=None)
@@ -70,6 +70,25 @@ class ModelSpecs:
     def outputs(self) -> list[TensorSpec]:
         """The model's output specs."""
         return self.info.outputs
+
+
+class TensorScoring(ModelSpecs):
+    """Mixin for backends whose ``/score`` is their tensors as JSON (onnxruntime, the FPGA backends)."""
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def score(self, body: Any, content_type: str) -> Any:
+        """``{"data": ...}`` or named inputs in, every output as nested lists out."""
+        from edge_agent.runtime.onnx import parse_score_body
+
+        named = parse_score_body(body, [spec.name for spec in self.info.inputs])
+        outputs = self.infer(validate_inputs(self.info.inputs, named))
+        return {name: value.tolist() for name, value in outputs.items()}
+
+    def schema(self) -> dict[str, Any] | None:
+        """No entry-script schema: the OpenAPI document comes from the tensors and samples."""
+        return None
 
 
 class LoadedModel(Protocol):

@@ -15,8 +15,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.fpga.csim import CSimModel
-from edge_agent.runtime.base import ModelInfo, ModelSpecs, validate_inputs
-from edge_agent.runtime.onnx import parse_score_body
+from edge_agent.runtime.base import ModelInfo, TensorScoring
 from packager.bundle import BundleManifest
 from packager.errors import BundleError
 
@@ -40,7 +39,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-class FirmwareModel(ModelSpecs):
+class FirmwareModel(TensorScoring):
     """Named tensors in, the firmware's outputs (softmaxed on the host when asked) out."""
 
     def __init__(self, simulation: Any, info: ModelInfo, host_softmax: bool) -> None:
@@ -56,14 +55,6 @@ class FirmwareModel(ModelSpecs):
         values = self.simulation.predict(np.asarray(x).reshape(len(x), -1))
         result = softmax(values) if self.host_softmax else values.astype(np.float32)
         return {self.info.outputs[0].name: result}
-
-    def score(self, body: Any, content_type: str) -> Any:
-        named = parse_score_body(body, [spec.name for spec in self.info.inputs])
-        outputs = self.infer(validate_inputs(self.info.inputs, named))
-        return {name: value.tolist() for name, value in outputs.items()}
-
-    def schema(self) -> dict[str, Any] | None:
-        return None
 
     def unload(self) -> None:
         self.simulation = None

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from edge_agent.runtime.base import ModelInfo, ModelSpecs, validate_inputs
+from edge_agent.runtime.base import ModelInfo, TensorScoring
 from packager.bundle import BundleManifest
 from packager.errors import BundleError, InvalidInputError
 from packager.tensors import V2_TO_NUMPY, onnx_type_to_v2
@@ -61,7 +61,7 @@ def _intra_op_threads() -> int:
     return max(1, min(os.cpu_count() or 1, 4))
 
 
-class OnnxModel(ModelSpecs):
+class OnnxModel(TensorScoring):
     """One onnxruntime session; ``infer`` is safe to call from several threads."""
 
     def __init__(self, path: Path, info: ModelInfo, providers: list[str]) -> None:
@@ -101,14 +101,6 @@ class OnnxModel(ModelSpecs):
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = self.session.run(self._output_names, inputs)
         return dict(zip(self._output_names, values, strict=True))
-
-    def score(self, body: Any, content_type: str) -> Any:
-        named = parse_score_body(body, [spec.name for spec in self.info.inputs])
-        outputs = self.infer(validate_inputs(self.info.inputs, named))
-        return {name: value.tolist() for name, value in outputs.items()}
-
-    def schema(self) -> dict[str, Any] | None:
-        return None
 
     def unload(self) -> None:
         del self.session

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from packager.atomic import atomic_write_json
-from packager.errors import AlreadyExistsError, DeploymentError, NotFoundError
+from packager.errors import DeploymentError, NotFoundError
 from packager.images import BASE_IMAGE, BUNDLE_PATH, build_image
 from packager.targets.base import DeploymentSpec, Service, ServiceState, free_port
 from packager.targets.local import LocalTarget, http_request
@@ -161,12 +161,7 @@ class DockerTarget:
             raise
         except Exception as exc:  # noqa: BLE001 - the SDK raises requests' and its own errors
             raise DeploymentError(f"no Docker engine answers ({exc}); set DOCKER_HOST") from None
-        files = self._local.files(spec.name)
-        self._local.root.mkdir(parents=True, exist_ok=True)
-        try:
-            files.root.mkdir()
-        except FileExistsError:
-            raise AlreadyExistsError(f"service {spec.name!r} exists; update or delete it") from None
+        files = self._local.claim(spec.name)
         try:
             return self._deploy(spec, files, wait, timeout)
         except BaseException:

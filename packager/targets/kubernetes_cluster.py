@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from packager.atomic import atomic_write_json
-from packager.errors import AlreadyExistsError, DeploymentError, NotFoundError, UsageError
+from packager.errors import DeploymentError, NotFoundError, UsageError
 from packager.targets.base import DeploymentSpec, Service, ServiceState
 from packager.targets.kubernetes import KubernetesOptions, render_manifests, trusted_public_keys
 from packager.targets.local import LocalTarget
@@ -139,12 +139,7 @@ class KubernetesTarget:
         options = self._options(spec, keys, self.namespace)
         docs = render_manifests(options, kserve=False)
         self._client()  # fail on a missing kubeconfig before anything is written
-        files = self._local.files(spec.name)
-        self._local.root.mkdir(parents=True, exist_ok=True)
-        try:
-            files.root.mkdir()
-        except FileExistsError:
-            raise AlreadyExistsError(f"service {spec.name!r} exists; update or delete it") from None
+        files = self._local.claim(spec.name)
         try:
             self._apply(docs)
         except BaseException:

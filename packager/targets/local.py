@@ -258,6 +258,18 @@ class LocalTarget:
     def root(self) -> Path:
         return self._root if self._root is not None else services_root()
 
+    def claim(self, name: str) -> ServiceFiles:
+        """Create service ``name``'s folder, atomically; AlreadyExistsError when the name is taken."""
+        files = self.files(name)
+        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            files.root.mkdir()
+        except FileExistsError:
+            raise AlreadyExistsError(
+                f"service {name!r} exists; change it with 'edgedeploy service update {name} --bundle B' "
+                f"or remove it with 'edgedeploy service delete {name}'") from None
+        return files
+
     def files(self, name: str) -> ServiceFiles:
         """The paths of service ``name`` (which may not exist)."""
         return ServiceFiles(self.root / check_service_name(name))
@@ -287,15 +299,7 @@ class LocalTarget:
         """Verify the bundle, start ``edge-agent serve`` in the background and (optionally) wait."""
         spec.validate()
         source = _require_bundle_file(spec.bundle)
-        files = self.files(spec.name)
-        self.root.mkdir(parents=True, exist_ok=True)
-        try:
-            files.root.mkdir()
-        except FileExistsError:
-            raise AlreadyExistsError(
-                f"service {spec.name!r} exists; change it with 'edgedeploy service update {spec.name} "
-                f"--bundle B' or remove it with 'edgedeploy service delete {spec.name}'"
-            ) from None
+        files = self.claim(spec.name)
         try:
             self._start(spec, source, files)
             if wait:

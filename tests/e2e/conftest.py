@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -163,7 +164,7 @@ def agents(mqtt_broker: Broker, trusted_key_file: Path, tmp_path: Path) -> Itera
     started: list[Agent] = []
 
     def start(n: int, prefix: str = "dev", groups: list[str] | None = None,
-              tags: dict[str, str] | None = None) -> list[Agent]:
+              tags: dict[str, str] | None = None, profile: str = "cpu-x86_64", **settings: Any) -> list[Agent]:
         batch = []
         for i in range(n):
             device_id = f"{prefix}-{len(started) + i:03d}"
@@ -171,7 +172,7 @@ def agents(mqtt_broker: Broker, trusted_key_file: Path, tmp_path: Path) -> Itera
             folder.mkdir(parents=True)
             config = folder / "agent.yaml"
             config.write_text(yaml.safe_dump({
-                "device_id": device_id, "profile": "cpu-x86_64", "groups": list(groups or []),
+                "device_id": device_id, "profile": profile, "groups": list(groups or []), **settings,
                 "tags": dict(tags or {}), "broker": mqtt_broker.url, "data_dir": str(folder / "data"),
                 "trusted_keys": [str(trusted_key_file)], "http_port": 0, "grpc_port": 0,
             }))
