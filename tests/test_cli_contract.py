@@ -50,7 +50,9 @@ def test_kubernetes_dry_run_writes_valid_manifests(digits_mlp: Path, signing_key
     assert result.returncode == 0, result.stderr
     documents = list(yaml.safe_load_all((out / "all.yaml").read_text()))
     kinds = [d["kind"] for d in documents]
-    assert kinds == ["Secret", "ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler", "InferenceService"]
+    assert kinds == ["Secret", "ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler"]
+    kserve = [d["kind"] for d in yaml.safe_load_all((out / "kserve.yaml").read_text())]
+    assert kserve == ["Secret", "ConfigMap", "InferenceService"]
     deployment = documents[2]
     assert deployment["spec"]["replicas"] == 2
     init = deployment["spec"]["template"]["spec"]["initContainers"][0]

@@ -149,8 +149,12 @@ def test_cli_bad_input_is_one_error_line(
     assert_one_error_line(edgedeploy("deploy", "x", "--bundle", str(tmp_path / "nope.edb"), check=False))
     assert_one_error_line(edgedeploy("deploy", "x", "--bundle", str(bundles["v1"]), "--port", "99999",
                                      check=False), code=2)
-    assert_one_error_line(edgedeploy("deploy", "x", "--bundle", str(bundles["v1"]), "--target", "kubernetes",
-                                     check=False))
+    os.environ["KUBECONFIG"] = str(tmp_path / "no-kubeconfig")  # no cluster: a usage error, exit 2
+    try:
+        assert_one_error_line(edgedeploy("deploy", "x", "--bundle", str(bundles["v1"]), "--target", "kubernetes",
+                                         check=False), code=2)
+    finally:
+        del os.environ["KUBECONFIG"]
     assert_one_error_line(edgedeploy("service", "keys", "x", "--regenerate", "third", check=False), code=2)
 
     tampered = tmp_path / "tampered.edb"
