@@ -16,7 +16,7 @@ from packager.bundle import open_bundle
 from packager.errors import PackagingError, UsageError
 from packager.examples import build_digits_dense_mlp
 from packager.fpga.fixed import FirmwareReference, FixedType, parse_fixed, to_fixed
-from packager.fpga.hls import HLS_WIDTHS, compile_hls, float_forward
+from packager.fpga.hls import HLS_WIDTHS, compile_hls, firmware_layout, float_forward
 from packager.fpga.lower import Conv2D, Dense, Flatten, MaxPool2D, Relu, Softmax, lower_onnx
 from packager.packaging import package
 from tests.servers import post_json, serving
@@ -123,9 +123,27 @@ def test_simulation_is_cached_by_firmware_digest(firmware, simulation: CSimModel
     assert again.library.stat().st_mtime == simulation.library.stat().st_mtime
 
 
-def test_conv_models_are_refused_by_the_hls_target_with_the_reason(digits_cnn: Path, digits, tmp_path: Path) -> None:
-    with pytest.raises(PackagingError, match="builds dense chains"):
-        compile_hls(digits_cnn, digits.x_train[:50].reshape(-1, 1, 8, 8), tmp_path / "cnn", part=PART)
+def test_cnn_firmware_is_bit_accurate_and_agrees(digits_cnn: Path, digits, tmp_path: Path) -> None:
+    """Conv > ReLU > MaxPool > Dense: channels-last firmware, equal to the integer reference bit for bit."""
+    build = compile_hls(digits_cnn, digits.x_train[:300].reshape(-1, 1, 8, 8), tmp_path / "cnn", part=PART)
+    assert build.channels_last and build.agreement >= 0.99
+    x = firmware_layout(digits.x_test.reshape(-1, 1, 8, 8))
+    emulated = CSimModel.build(build.project, tmp_path / "cache", 64, 10).predict(x)
+    assert np.array_equal(emulated, FirmwareReference(build.project).predict(x))
+    fp32 = ort.InferenceSession(str(digits_cnn)).run(None, {"input": digits.x_test.reshape(-1, 1, 8, 8)})[0]
+    assert (emulated.argmax(1) == fp32.argmax(1)).mean() >= 0.95
+    steps = [step.function for step in FirmwareReference(build.project).steps]
+    assert steps == ["conv_2d_cl", "relu", "pooling2d_cl", "dense"]
+
+
+def test_layers_outside_the_chain_are_refused(digits, tmp_path: Path) -> None:
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["input"], ["r"]), helper.make_node("Softmax", ["r"], ["out"], axis=1)], "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 64])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "relu.onnx")
+    with pytest.raises(PackagingError, match="ending in Dense"):
+        compile_hls(tmp_path / "relu.onnx", digits.x_train[:10], tmp_path / "out", part=PART)
 
 
 def test_package_and_serve_on_the_emulator(dense_mlp: Path, digits, signing_key, tmp_path: Path) -> None:
@@ -166,3 +184,19 @@ def test_unsupported_model_is_refused_when_packaging(signing_key, digits, tmp_pa
     np.savez(tmp_path / "calib.npz", input=digits.x_train[:10])
     with pytest.raises(PackagingError, match="Tanh"):
         package(tmp_path / "tanh.onnx", "fpga-emulator", tmp_path / "t.edb", calibration=tmp_path / "calib.npz")
+
+
+def test_cnn_bundle_serves_nchw_requests(digits_cnn: Path, digits, signing_key, tmp_path: Path) -> None:
+    images = digits.x_train[:300].reshape(-1, 1, 8, 8)
+    np.savez(tmp_path / "calib.npz", input=images)
+    bundle = package(digits_cnn, "fpga-emulator", tmp_path / "cnn.edb", name="digits-cnn",
+                     calibration=tmp_path / "calib.npz").bundle_path
+    unpacked = tmp_path / "unpacked"
+    manifest = open_bundle(bundle, unpacked)
+    assert manifest.runtime["layout"] == "channels_last"
+    x = digits.x_test[:6].reshape(-1, 1, 8, 8)
+    with serving(tmp_path / "work", [bundle]) as server:
+        status, answer = post_json(f"{server.http}/score", {"data": x.tolist()})
+    assert status == 200
+    expected = FirmwareReference(unpacked / "accelerator" / "firmware").predict(firmware_layout(x)).argmax(1)
+    assert np.asarray(answer["probabilities"]).argmax(1).tolist() == expected.tolist()

@@ -42,17 +42,20 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 class FirmwareModel(TensorScoring):
     """Named tensors in, the firmware's outputs (softmaxed on the host when asked) out."""
 
-    def __init__(self, simulation: Any, info: ModelInfo, host_softmax: bool) -> None:
+    def __init__(self, simulation: Any, info: ModelInfo, host_softmax: bool, channels_last: bool = False) -> None:
         self.simulation = simulation
         self.info = info
         self.host_softmax = host_softmax
+        self.channels_last = channels_last  # [N, C, H, W] requests, channels-last firmware
         self.inline = False
         if len(info.inputs) != 1 or len(info.outputs) != 1:
             raise BundleError("an FPGA bundle has exactly one input and one output tensor")
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        x = inputs[self.info.inputs[0].name]
-        values = self.simulation.predict(np.asarray(x).reshape(len(x), -1))
+        x = np.asarray(inputs[self.info.inputs[0].name])
+        if self.channels_last and x.ndim == 4:
+            x = x.transpose(0, 2, 3, 1)
+        values = self.simulation.predict(x.reshape(len(x), -1))
         result = softmax(values) if self.host_softmax else values.astype(np.float32)
         return {self.info.outputs[0].name: result}
 
@@ -68,4 +71,5 @@ def load(bundle_dir: Path, manifest: BundleManifest, info: ModelInfo) -> Firmwar
     sizes = manifest.runtime.get("io") or {}
     simulation = CSimModel.build(project, fpga_cache_dir(info), int(sizes["inputs"]), int(sizes["outputs"]))
     info.details["accelerator"] = "fpga emulator (hls4ml C simulation, bit-accurate)"
-    return FirmwareModel(simulation, info, bool(manifest.runtime.get("host_softmax")))
+    return FirmwareModel(simulation, info, bool(manifest.runtime.get("host_softmax")),
+                         manifest.runtime.get("layout") == "channels_last")

@@ -86,7 +86,7 @@ class _Step:
 
 
 class FirmwareReference:
-    """The firmware's forward pass in exact integer arithmetic (dense, normalize, relu, linear)."""
+    """The firmware's forward pass in exact integer arithmetic (dense, conv, max pool, normalize, relu)."""
 
     def __init__(self, project: Path) -> None:
         firmware = Path(project) / "firmware"
@@ -150,11 +150,48 @@ class FirmwareReference:
             total = product + (bias << (fraction + scale_t.fraction - bias_t.fraction)
                                if fraction + scale_t.fraction >= bias_t.fraction else bias)
             return requantize(total, fraction + scale_t.fraction, step.result), step.result.fraction
+        if step.function == "conv_2d_cl":
+            return self._conv(step, values, fraction)
+        if step.function == "pooling2d_cl":
+            return self._max_pool(step, values, fraction)
         if step.function == "relu":
             return requantize(np.where(values > 0, values, 0), fraction, step.result), step.result.fraction
         if step.function == "linear":
             return requantize(values, fraction, step.result), step.result.fraction
         raise PackagingError(f"the bit-accurate reference does not model nnet::{step.function}")
+
+    def _conv(self, step: _Step, values: np.ndarray, fraction: int) -> tuple[np.ndarray, int]:
+        """conv_2d_cl: channels-last data, weights [fh][fw][c][f], zero padding, dense-like accumulation."""
+        c = {k: int(v) for k, v in step.config.items() if v.isdigit()}
+        weight_t, bias_t = self._type_of(step.config, "weight_t"), self._type_of(step.config, "bias_t")
+        accum_t = self._type_of(step.config, "accum_t")
+        data = values.reshape(len(values), c["in_height"], c["in_width"], c["n_chan"])
+        data = np.pad(data, ((0, 0), (c["pad_top"], c["pad_bottom"]), (c["pad_left"], c["pad_right"]), (0, 0)))
+        weights = self._weight(step.weights[0], weight_t).reshape(c["filt_height"], c["filt_width"], c["n_chan"],
+                                                                  c["n_filt"])
+        bias = requantize(self._weight(step.weights[1], bias_t), bias_t.fraction, accum_t)
+        out = np.zeros((len(values), c["out_height"], c["out_width"], c["n_filt"]), dtype=np.int64)
+        for oh in range(c["out_height"]):
+            for ow in range(c["out_width"]):
+                top, left = oh * c["stride_height"], ow * c["stride_width"]
+                window = data[:, top:top + c["filt_height"], left:left + c["filt_width"], :]
+                products = window[..., None] * weights[None]  # [N, fh, fw, c, f], exact
+                mult = requantize(products, fraction + weight_t.fraction, accum_t)
+                out[:, oh, ow, :] = requantize(bias[None, :] + mult.sum(axis=(1, 2, 3)), accum_t.fraction, accum_t)
+        return requantize(out.reshape(len(values), -1), accum_t.fraction, step.result), step.result.fraction
+
+    def _max_pool(self, step: _Step, values: np.ndarray, fraction: int) -> tuple[np.ndarray, int]:
+        """pooling2d_cl with Max: the largest value of each window, assigned to the result type."""
+        c = {k: int(v) for k, v in step.config.items() if v.isdigit()}
+        if any(c.get(k, 0) for k in ("pad_top", "pad_bottom", "pad_left", "pad_right")):
+            raise PackagingError("the bit-accurate reference models unpadded max pooling only")
+        data = values.reshape(len(values), c["in_height"], c["in_width"], c["n_filt"])
+        out = np.zeros((len(values), c["out_height"], c["out_width"], c["n_filt"]), dtype=np.int64)
+        for oh in range(c["out_height"]):
+            for ow in range(c["out_width"]):
+                top, left = oh * c["stride_height"], ow * c["stride_width"]
+                out[:, oh, ow, :] = data[:, top:top + c["pool_height"], left:left + c["pool_width"], :].max(axis=(1, 2))
+        return requantize(out.reshape(len(values), -1), fraction, step.result), step.result.fraction
 
     def _dense(self, step: _Step, values: np.ndarray, fraction: int) -> tuple[np.ndarray, int]:
         weight_t, bias_t = self._type_of(step.config, "weight_t"), self._type_of(step.config, "bias_t")

@@ -23,6 +23,7 @@ import math
 import shutil
 import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,9 @@ import numpy as np
 
 from packager.errors import PackagingError
 from packager.fpga.fixed import FirmwareReference, FixedType, to_fixed
-from packager.fpga.lower import Dense, Layer, Relu, Softmax, lower_onnx
+from packager.fpga.lower import Conv2D, Dense, Flatten, Layer, MaxPool2D, Relu, Softmax, lower_onnx
 
-__all__ = ["HLS_WIDTHS", "HlsBuild", "HlsPrecision", "compile_hls", "float_forward"]
+__all__ = ["HLS_WIDTHS", "HlsBuild", "HlsPrecision", "compile_hls", "firmware_layout", "float_forward"]
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,10 @@ class HlsPrecision:
     weights: list[FixedType]
     activations: list[FixedType]
 
-    def to_dict(self, dense_names: list[str]) -> dict[str, Any]:
-        layers = {name: {"weight": str(w), "bias": str(w)} for name, w in zip(dense_names, self.weights, strict=True)}
-        for name, act in zip(dense_names, self.activations, strict=False):
-            layers[name]["result"] = str(act)
+    def to_dict(self, layer_names: list[str]) -> dict[str, Any]:
+        layers = {name: {"weight": str(w), "bias": str(w)} for name, w in zip(layer_names, self.weights, strict=True)}
+        for name, act in zip(layer_names, self.activations, strict=False):
+            layers[name]["activation_after"] = str(act)
         return {"input": str(self.input), "layers": layers, "accumulators": "hls4ml auto (lossless)"}
 
 
@@ -75,6 +76,7 @@ class HlsBuild:
     trials: list[dict[str, Any]] = field(default_factory=list)
     estimate: dict[str, Any] = field(default_factory=dict)
     hls4ml_version: str = ""
+    channels_last: bool = False
 
     def report(self, dense_names: list[str]) -> dict[str, Any]:
         """The ``accelerator`` part of the packaging report."""
@@ -84,31 +86,77 @@ class HlsBuild:
                 "host_softmax": self.host_softmax}
 
 
-def _dense_chain(layers: list[Layer]) -> tuple[list[Dense], bool]:
-    """The dense layers of an MLP (ReLU between them, an optional final Softmax)."""
+_CHAIN = (Dense, Conv2D, Relu, MaxPool2D, Flatten)
+
+
+def _chain(layers: list[Layer]) -> tuple[list[Layer], bool]:
+    """The layers the firmware runs (a final Softmax goes to the host) and whether there was one."""
     host_softmax = bool(layers) and isinstance(layers[-1], Softmax)
     body = layers[:-1] if host_softmax else layers
-    dense = [layer for layer in body if isinstance(layer, Dense)]
-    expected: list[type] = []
-    for index in range(len(dense)):
-        expected += [Dense] + ([Relu] if index < len(dense) - 1 else [])
-    if [type(layer) for layer in body] != expected:
-        shape = " > ".join(type(layer).__name__ for layer in layers)
-        raise PackagingError(f"the HLS target builds dense chains (Dense > ReLU > ... > Dense [> Softmax]); "
-                             f"this model is {shape}")
-    return dense, host_softmax
+    shape = " > ".join(type(layer).__name__ for layer in layers)
+    if not body or not isinstance(body[-1], Dense) or any(not isinstance(layer, _CHAIN) for layer in body):
+        raise PackagingError(f"the HLS target builds feed-forward chains of Conv2D, ReLU, MaxPool2D, Flatten and "
+                             f"Dense ending in Dense [> Softmax]; this model is {shape}")
+    return body, host_softmax
 
 
-def float_forward(dense: list[Dense], x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-    """fp32 logits and the hidden activations (after ReLU)."""
-    hidden = []
-    values = np.asarray(x, dtype=np.float32)
-    for index, layer in enumerate(dense):
-        values = values @ layer.weight + layer.bias
-        if index < len(dense) - 1:
+def _weighted(body: list[Layer]) -> list[Dense | Conv2D]:
+    return [layer for layer in body if isinstance(layer, Dense | Conv2D)]
+
+
+def _conv_nchw(x: np.ndarray, layer: Conv2D, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    top, left, bottom, right = layer.pads
+    padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    out_c, _in_c, kh, kw = weight.shape
+    sh, sw = layer.strides
+    oh, ow = (padded.shape[2] - kh) // sh + 1, (padded.shape[3] - kw) // sw + 1
+    out = np.zeros((len(x), out_c, oh, ow))
+    for i in range(oh):
+        for j in range(ow):
+            window = padded[:, :, i * sh:i * sh + kh, j * sw:j * sw + kw]
+            out[:, :, i, j] = np.tensordot(window, weight, axes=([1, 2, 3], [1, 2, 3]))
+    return out + bias[None, :, None, None]
+
+
+def _max_pool_nchw(x: np.ndarray, layer: MaxPool2D) -> np.ndarray:
+    (kh, kw), (sh, sw) = layer.kernel, layer.stride
+    oh, ow = (x.shape[2] - kh) // sh + 1, (x.shape[3] - kw) // sw + 1
+    out = np.zeros((len(x), x.shape[1], oh, ow))
+    for i in range(oh):
+        for j in range(ow):
+            out[:, :, i, j] = x[:, :, i * sh:i * sh + kh, j * sw:j * sw + kw].max(axis=(2, 3))
+    return out
+
+
+def _forward(body: Sequence[Layer], x: np.ndarray,
+             precision: HlsPrecision | None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Logits and the ReLU outputs; with ``precision``, inputs, weights and activations take its types."""
+    def q(values: np.ndarray, kind: FixedType | None) -> np.ndarray:
+        return values if kind is None else to_fixed(values, kind) / 2.0 ** kind.fraction
+
+    values = q(np.asarray(x, dtype=np.float64), precision.input if precision else None)
+    hidden: list[np.ndarray] = []
+    weight_kind = precision.weights[0] if precision else None
+    for layer in body:
+        if isinstance(layer, Dense | Conv2D):
+            weight, bias = q(layer.weight.astype(np.float64), weight_kind), q(layer.bias.astype(np.float64),
+                                                                              weight_kind)
+            values = values @ weight + bias if isinstance(layer, Dense) else _conv_nchw(values, layer, weight, bias)
+        elif isinstance(layer, Relu):
             values = np.maximum(values, 0)
+            if precision is not None:
+                values = q(values, precision.activations[len(hidden)])
             hidden.append(values)
+        elif isinstance(layer, MaxPool2D):
+            values = _max_pool_nchw(values, layer)
+        else:
+            values = values.reshape(len(values), -1)
     return values, hidden
+
+
+def float_forward(layers: Sequence[Layer], x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """fp32 logits and the hidden activations (after each ReLU) of a chain."""
+    return _forward(layers, x, None)
 
 
 def _integer_bits(peak: float) -> int:
@@ -120,18 +168,9 @@ def _kind(width: int, peak: float) -> FixedType:
     return FixedType(width, min(width, _integer_bits(peak)))
 
 
-def _exact_forward(dense: list[Dense], precision: HlsPrecision, x: np.ndarray) -> np.ndarray:
+def _exact_forward(body: list[Layer], precision: HlsPrecision, x: np.ndarray) -> np.ndarray:
     """The firmware's arithmetic with lossless accumulators, as floats (for scoring candidates)."""
-    values = to_fixed(x, precision.input).astype(np.float64) / 2.0 ** precision.input.fraction
-    for index, layer in enumerate(dense):
-        kind = precision.weights[index]
-        weight = to_fixed(layer.weight, kind) / 2.0 ** kind.fraction
-        bias = to_fixed(layer.bias, kind) / 2.0 ** kind.fraction
-        values = values @ weight + bias
-        if index < len(dense) - 1:
-            act = precision.activations[index]
-            values = to_fixed(np.maximum(values, 0), act) / 2.0 ** act.fraction
-    return values
+    return _forward(body, x, precision)[0]
 
 
 def _score(candidate: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
@@ -139,18 +178,19 @@ def _score(candidate: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
     return agreement, float(np.abs(candidate - reference).max())
 
 
-def _search(dense: list[Dense], x: np.ndarray, target: float, max_error: float | None,
+def _search(body: list[Layer], x: np.ndarray, target: float, max_error: float | None,
             widths: tuple[int, ...]) -> tuple[HlsPrecision, list[dict[str, Any]]]:
-    reference, hidden = float_forward(dense, x)
+    reference, hidden = float_forward(body, x)
+    weighted = _weighted(body)
     peaks = {"input": float(np.abs(x).max())}
-    peaks["weights"] = float(max(max(np.abs(d.weight).max(), np.abs(d.bias).max()) for d in dense))
+    peaks["weights"] = float(max(max(np.abs(d.weight).max(), np.abs(d.bias).max()) for d in weighted))
     peaks.update({f"activation[{i}]": float(h.max()) for i, h in enumerate(hidden)})
     chosen = {knob: widths[0] for knob in peaks}
 
     def precision_of(widths_now: dict[str, int]) -> HlsPrecision:
         return HlsPrecision(
             _kind(widths_now["input"], peaks["input"]),
-            [_kind(widths_now["weights"], peaks["weights"])] * len(dense),
+            [_kind(widths_now["weights"], peaks["weights"])] * len(weighted),
             [_kind(widths_now[f"activation[{i}]"], peaks[f"activation[{i}]"]) for i in range(len(hidden))])
 
     def good(agreement: float, error: float) -> bool:
@@ -160,7 +200,7 @@ def _search(dense: list[Dense], x: np.ndarray, target: float, max_error: float |
     for knob in peaks:
         for width in widths:
             trial = dict(chosen, **{knob: width})
-            agreement, error = _score(_exact_forward(dense, precision_of(trial), x), reference)
+            agreement, error = _score(_exact_forward(body, precision_of(trial), x), reference)
             ok = good(agreement, error)
             trials.append({"knob": knob, "type": str(_kind(width, peaks[knob])), "agreement_top1": agreement,
                            "max_abs_error": error, "kept": ok})
@@ -168,7 +208,7 @@ def _search(dense: list[Dense], x: np.ndarray, target: float, max_error: float |
                 break
             chosen = trial
     final = precision_of(chosen)
-    agreement, error = _score(_exact_forward(dense, final, x), reference)
+    agreement, error = _score(_exact_forward(body, final, x), reference)
     if not good(agreement, error):
         goal = f"max abs error {max_error}" if max_error is not None else f"{target:.0%} top-1 agreement"
         raise PackagingError(f"no precision up to {widths[0]} bits reaches {goal} with fp32 "
@@ -176,29 +216,43 @@ def _search(dense: list[Dense], x: np.ndarray, target: float, max_error: float |
     return final, trials
 
 
-def _chain_onnx(dense: list[Dense], path: Path) -> None:
-    """The dense chain as a plain ONNX graph (Gemm > Relu > ... > Gemm) for hls4ml's front end."""
+def _chain_onnx(body: list[Layer], input_shape: tuple[int, ...], path: Path) -> None:
+    """The chain as a plain ONNX graph with every attribute spelled out, for hls4ml's front end."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     nodes, inits, current = [], [], "input"
-    for index, layer in enumerate(dense):
-        inits += [numpy_helper.from_array(np.ascontiguousarray(layer.weight.T), f"W{index}"),
-                  numpy_helper.from_array(layer.bias, f"b{index}")]
-        nodes.append(helper.make_node("Gemm", [current, f"W{index}", f"b{index}"], [f"g{index}"], transB=1))
-        current = f"g{index}"
-        if index < len(dense) - 1:
-            nodes.append(helper.make_node("Relu", [current], [f"r{index}"]))
-            current = f"r{index}"
+    for index, layer in enumerate(body):
+        out = f"t{index}"
+        if isinstance(layer, Dense):
+            inits += [numpy_helper.from_array(np.ascontiguousarray(layer.weight.T), f"W{index}"),
+                      numpy_helper.from_array(layer.bias, f"b{index}")]
+            nodes.append(helper.make_node("Gemm", [current, f"W{index}", f"b{index}"], [out], transB=1))
+        elif isinstance(layer, Conv2D):
+            inits += [numpy_helper.from_array(layer.weight, f"W{index}"),
+                      numpy_helper.from_array(layer.bias, f"b{index}")]
+            nodes.append(helper.make_node("Conv", [current, f"W{index}", f"b{index}"], [out],
+                                          kernel_shape=list(layer.weight.shape[2:]), strides=list(layer.strides),
+                                          pads=list(layer.pads), dilations=[1, 1], group=1))
+        elif isinstance(layer, MaxPool2D):
+            nodes.append(helper.make_node("MaxPool", [current], [out], kernel_shape=list(layer.kernel),
+                                          strides=list(layer.stride), pads=[0, 0, 0, 0]))
+        elif isinstance(layer, Relu):
+            nodes.append(helper.make_node("Relu", [current], [out]))
+        else:
+            nodes.append(helper.make_node("Flatten", [current], [out], axis=1))
+        current = out
+    last = body[-1]
+    assert isinstance(last, Dense)
     graph = helper.make_graph(
-        nodes, "chain", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, dense[0].weight.shape[0]])],
-        [helper.make_tensor_value_info(current, TensorProto.FLOAT, [None, dense[-1].weight.shape[1]])], inits)
+        nodes, "chain", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, *input_shape])],
+        [helper.make_tensor_value_info(current, TensorProto.FLOAT, [None, last.weight.shape[1]])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     onnx.save(model, str(path))
 
 
-def _write_project(chain: Path, precision: HlsPrecision, out_dir: Path, part: str) -> str:
+def _write_project(chain: Path, precision: HlsPrecision, out_dir: Path, part: str, channels_last: bool) -> str:
     """hls4ml writes the project with the chosen types; returns hls4ml's version."""
     try:
         import hls4ml
@@ -209,7 +263,12 @@ def _write_project(chain: Path, precision: HlsPrecision, out_dir: Path, part: st
         raise PackagingError("the HLS target needs hls4ml and qonnx: pip install 'edgedeploy[fpga]'") from exc
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        wrapped = cleanup_model(cleanup_model(ModelWrapper(str(chain))).transform(GemmToMatMul()))
+        wrapped = cleanup_model(ModelWrapper(str(chain)))
+        if channels_last:
+            from qonnx.transformation.channels_last import ConvertToChannelsLastAndClean
+
+            wrapped = wrapped.transform(ConvertToChannelsLastAndClean())
+        wrapped = cleanup_model(wrapped.transform(GemmToMatMul()))
         config = hls4ml.utils.config_from_onnx_model(wrapped, granularity="name", backend="Vitis",
                                                      default_precision="ap_fixed<16,6>")
         config["Model"]["Precision"]["default"] = str(precision.weights[0])
@@ -217,8 +276,10 @@ def _write_project(chain: Path, precision: HlsPrecision, out_dir: Path, part: st
         names["global_in"]["Precision"]["result"] = str(precision.input)
         for index, act in enumerate(precision.activations):
             names[f"Relu_{index}"]["Precision"]["result"] = str(act)
+            if f"MaxPool_{index}" in names:  # a max keeps its input's values: keep their type
+                names[f"MaxPool_{index}"]["Precision"]["result"] = str(act)
         for index, kind in enumerate(precision.weights):
-            for param in (f"MatMul_{index}_param0", f"Add_{index}_param0"):
+            for param in (f"MatMul_{index}_param0", f"Add_{index}_param0", f"Conv_{index}_param0"):
                 if param in names:
                     names[param]["Precision"]["result"] = str(kind)
         model = hls4ml.converters.convert_from_onnx_model(
@@ -243,48 +304,83 @@ def _relocatable(project: Path) -> None:
         leftover.unlink()
 
 
-def _estimate(dense: list[Dense], precision: HlsPrecision) -> dict[str, Any]:
+def _estimate(body: list[Layer], precision: HlsPrecision, input_shape: tuple[int, ...]) -> dict[str, Any]:
     """Our analytical estimate for reuse factor 1 (hls4ml gives none without the vendor tools)."""
-    multipliers, dsp, lut_mults = 0, 0, 0
-    widths = [precision.input.width, *[a.width for a in precision.activations]]
-    for index, layer in enumerate(dense):
-        count = int(np.count_nonzero(to_fixed(layer.weight, precision.weights[index])))
-        multipliers += count
-        # DSP58/48 slices take multiplications wider than ~10x10 bits; narrower ones map to LUTs
-        if min(widths[index], precision.weights[index].width) > 10:
-            dsp += count
-        else:
-            lut_mults += count * widths[index] * precision.weights[index].width // 2
-    latency = sum(math.ceil(math.log2(layer.weight.shape[0])) + 3 for layer in dense)
+    multipliers, dsp, lut_mults, latency, bits = 0, 0, 0, 0, 0
+    kind = precision.weights[0]
+    data_width = precision.input.width
+    spatial = input_shape[1:] if len(input_shape) == 3 else (1, 1)
+    hidden = iter(precision.activations)
+    for layer in body:
+        if isinstance(layer, Dense | Conv2D):
+            nonzero = int(np.count_nonzero(to_fixed(layer.weight, kind)))
+            positions = 1
+            if isinstance(layer, Conv2D):
+                top, left, bottom, right = layer.pads
+                sh, sw = layer.strides
+                spatial = ((spatial[0] + top + bottom - layer.weight.shape[2]) // sh + 1,
+                           (spatial[1] + left + right - layer.weight.shape[3]) // sw + 1)
+                positions = spatial[0] * spatial[1]
+            count = nonzero * positions
+            multipliers += count
+            # DSP slices take multiplications wider than ~10x10 bits; narrower ones map to LUTs
+            if min(data_width, kind.width) > 10:
+                dsp += count
+            else:
+                lut_mults += count * data_width * kind.width // 2
+            fan_in = int(np.prod(layer.weight.shape[1:])) if isinstance(layer, Conv2D) else layer.weight.shape[0]
+            latency += math.ceil(math.log2(max(fan_in, 2))) + 3
+            bits += layer.weight.size * kind.width
+        elif isinstance(layer, Relu):
+            data_width = next(hidden).width
+        elif isinstance(layer, MaxPool2D):
+            spatial = ((spatial[0] - layer.kernel[0]) // layer.stride[0] + 1,
+                       (spatial[1] - layer.kernel[1]) // layer.stride[1] + 1)
+            latency += 2
     return {"source": "edgedeploy analytical estimate (reuse factor 1, io_parallel); run the vendor build "
                       "script for synthesis numbers", "multipliers": multipliers, "dsp": dsp,
-            "lut_for_multipliers": lut_mults, "latency_cycles": latency,
-            "weight_bits": sum(d.weight.size * w.width for d, w in zip(dense, precision.weights, strict=True))}
+            "lut_for_multipliers": lut_mults, "latency_cycles": latency, "weight_bits": bits}
+
+
+def firmware_layout(x: np.ndarray) -> np.ndarray:
+    """Model inputs [N, C, H, W] as the firmware reads them (channels last, flattened); [N, F] unchanged."""
+    x = np.asarray(x)
+    return x.transpose(0, 2, 3, 1).reshape(len(x), -1) if x.ndim == 4 else x.reshape(len(x), -1)
 
 
 def compile_hls(model: Path, calibration: np.ndarray, out_dir: Path, *, part: str, target_agreement: float = 0.99,
                 max_error: float | None = None, widths: tuple[int, ...] = HLS_WIDTHS) -> HlsBuild:
     """Search the precisions, write the firmware project into ``out_dir`` and measure it."""
-    dense, host_softmax = _dense_chain(lower_onnx(model))
-    x = np.asarray(calibration, dtype=np.float32).reshape(len(calibration), -1)
-    if x.shape[1] != dense[0].weight.shape[0]:
-        raise PackagingError(f"the calibration set has {x.shape[1]} features; the model takes "
-                             f"{dense[0].weight.shape[0]}")
-    precision, trials = _search(dense, x, target_agreement, max_error, widths)
+    body, host_softmax = _chain(lower_onnx(model))
+    weighted = _weighted(body)
+    x = np.asarray(calibration, dtype=np.float32)
+    first = weighted[0]
+    expected = first.weight.shape[1] if isinstance(first, Conv2D) else first.weight.shape[0]
+    got = x.shape[1] if x.ndim > 1 else 0
+    if (isinstance(first, Dense) and x.reshape(len(x), -1).shape[1] != expected) or \
+            (isinstance(first, Conv2D) and (x.ndim != 4 or got != expected)):
+        raise PackagingError(f"the calibration set's shape {list(x.shape)[1:]} does not fit the model's first layer")
+    if isinstance(first, Dense):
+        x = x.reshape(len(x), -1)
+    precision, trials = _search(body, x, target_agreement, max_error, widths)
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
+    channels_last = isinstance(first, Conv2D)
     with tempfile.TemporaryDirectory(prefix="edgedeploy-hls-") as tmp:
         chain = Path(tmp) / "chain.onnx"
-        _chain_onnx(dense, chain)
-        version = _write_project(chain, precision, out_dir, part)
+        _chain_onnx(body, tuple(x.shape[1:]), chain)
+        version = _write_project(chain, precision, out_dir, part, channels_last)
     _relocatable(out_dir)
-    reference, _hidden = float_forward(dense, x)
-    firmware = FirmwareReference(out_dir).predict(x)
+    reference, _hidden = float_forward(body, x)
+    firmware = FirmwareReference(out_dir).predict(firmware_layout(x))
     agreement, error = _score(firmware, reference)
-    build = HlsBuild(out_dir, precision, dense[0].weight.shape[0], dense[-1].weight.shape[1], host_softmax,
-                     agreement, error, trials, _estimate(dense, precision), version)
-    (out_dir / "precision.json").write_text(json.dumps(build.report([d.name for d in dense]), indent=2,
+    last = weighted[-1]
+    assert isinstance(last, Dense)
+    build = HlsBuild(out_dir, precision, int(np.prod(x.shape[1:])), int(last.weight.shape[1]), host_softmax,
+                     agreement, error, trials, _estimate(body, precision, tuple(x.shape[1:])), version)
+    build.channels_last = channels_last
+    (out_dir / "precision.json").write_text(json.dumps(build.report([layer.name for layer in weighted]), indent=2,
                                                        sort_keys=True) + "\n")
     log.info("HLS firmware for %s: %s, %.1f%% top-1 agreement with fp32", model, precision.input, agreement * 100)
     return build

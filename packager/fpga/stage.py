@@ -78,20 +78,22 @@ def _accuracy(predict: Any, labels: tuple[np.ndarray, np.ndarray] | None) -> flo
 def _hls(model: Path, profile: DeviceProfile, calibration: np.ndarray, scratch: Path,
          labels: tuple[np.ndarray, np.ndarray] | None) -> AcceleratorStage:
     from packager.fpga.fixed import FirmwareReference
-    from packager.fpga.hls import compile_hls, float_forward
-    from packager.fpga.lower import Dense, lower_onnx
+    from packager.fpga.hls import compile_hls, firmware_layout, float_forward
+    from packager.fpga.lower import Conv2D, Dense, Softmax, lower_onnx
 
     board = _board(profile)
     build = compile_hls(model, calibration, scratch / "firmware", part=str(board["part"]))
-    dense = [layer for layer in lower_onnx(model) if isinstance(layer, Dense)]
-    report = build.report([d.name for d in dense])
+    layers = lower_onnx(model)
+    body = layers[:-1] if layers and isinstance(layers[-1], Softmax) else layers
+    report = build.report([layer.name for layer in body if isinstance(layer, Dense | Conv2D)])
     reference = FirmwareReference(build.project)
-    report["accuracy_fixed"] = _accuracy(reference.predict, labels)
-    report["accuracy_fp32"] = _accuracy(lambda x: float_forward(dense, x)[0], labels)
+    report["accuracy_fixed"] = _accuracy(lambda x: reference.predict(firmware_layout(x)), labels)
+    report["accuracy_fp32"] = _accuracy(lambda x: float_forward(body, x)[0], labels)
     accelerator = {**board, "backend": "hls4ml", "firmware": "accelerator/firmware",
                    "firmware_sha256": tree_digest(build.project), "precision": report["precision"]}
     runtime = {"backend": "hls4ml", "model_path": "model/model.onnx", "precision": "fixed",
                "firmware": "accelerator/firmware", "host_softmax": build.host_softmax,
+               "layout": "channels_last" if build.channels_last else "flat",
                "io": {"inputs": build.inputs, "outputs": build.outputs},
                "execution_providers": ["CPUExecutionProvider"]}
     return AcceleratorStage(_files(build.project, "accelerator/firmware"), runtime, accelerator, report)
