@@ -23,8 +23,41 @@ def _num(value: Any, unit: str = "") -> str:
     return "-" if value is None else f"{value:.3f}{unit}" if isinstance(value, float) else f"{value}{unit}"
 
 
+def _pct(value: Any) -> str:
+    return "-" if value is None else f"{value * 100:.1f} %"
+
+
+def format_accelerator(report: dict[str, Any]) -> str:
+    """The FPGA compiler's part of the report as a few lines."""
+    lines = [f"toolchain: {report.get('toolchain', '-')}"]
+    precision = report.get("precision")
+    if isinstance(precision, dict):
+        layers = ", ".join(f"{name}: w {types['weight']}" + (f", act {types['activation_after']}"
+                                                             if "activation_after" in types else "")
+                           for name, types in precision.get("layers", {}).items())
+        lines.append(f"fixed point: input {precision.get('input')}; {layers}")
+        estimate = report.get("estimate", {})
+        lines.append(f"agreement with fp32 (firmware, calibration set): {_pct(report.get('agreement_top1'))}; "
+                     f"estimate: {estimate.get('dsp', '-')} DSP, {estimate.get('lut_for_multipliers', '-')} LUTs for "
+                     f"multipliers, {estimate.get('latency_cycles', '-')} cycles")
+    resources = report.get("resources")
+    if isinstance(resources, dict):
+        available = resources.get("available", {})
+        used = ", ".join(f"{kind} {resources[kind]}/{available.get(kind, '?')}" for kind in ("LUT4", "BRAM_4K", "DSP"))
+        lines.append(f"iCE40: {used}; Fmax {report.get('fmax_mhz', 0):.1f} MHz; "
+                     f"{report.get('cycles_per_inference')} cycles per inference "
+                     f"({report.get('inferences_per_second_at_fmax', 0):.0f}/s at Fmax); "
+                     f"int8 agreement {_pct(report.get('agreement_top1'))}")
+    fixed = report.get("accuracy_fixed", report.get("accuracy_int8"))
+    if fixed is not None:
+        lines.append(f"held-out accuracy: {_pct(fixed)} (fp32 {_pct(report.get('accuracy_fp32'))})")
+    return "\n".join(lines)
+
+
 def format_report(report: dict[str, Any]) -> str:
     """Report as aligned text: one row per measure, before and after packaging."""
+    if "accelerator" in report:
+        return format_accelerator(report["accelerator"])
     before, after = report.get("before", {}), report.get("after", {})
     rows = [
         ("", "source (fp32)", f"packaged ({report.get('precision', '-')})"),

@@ -17,6 +17,8 @@ is a lookup-table approximation, and the argmax does not need it.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import math
@@ -261,7 +263,8 @@ def _write_project(chain: Path, precision: HlsPrecision, out_dir: Path, part: st
         from qonnx.util.cleanup import cleanup_model
     except ImportError as exc:
         raise PackagingError("the HLS target needs hls4ml and qonnx: pip install 'edgedeploy[fpga]'") from exc
-    with warnings.catch_warnings():
+    chatter = io.StringIO()  # hls4ml prints its topology to stdout: keep it for the debug log, off the CLI
+    with warnings.catch_warnings(), contextlib.redirect_stdout(chatter):
         warnings.simplefilter("ignore")
         wrapped = cleanup_model(ModelWrapper(str(chain)))
         if channels_last:
@@ -286,6 +289,7 @@ def _write_project(chain: Path, precision: HlsPrecision, out_dir: Path, part: st
             wrapped, output_dir=str(out_dir), project_name=_PROJECT, backend="Vitis", io_type="io_parallel",
             hls_config=config, part=part)
         model.write()
+    log.debug("hls4ml: %s", chatter.getvalue())
     return str(hls4ml.__version__)
 
 
