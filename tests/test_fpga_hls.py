@@ -200,3 +200,10 @@ def test_cnn_bundle_serves_nchw_requests(digits_cnn: Path, digits, signing_key, 
     assert status == 200
     expected = FirmwareReference(unpacked / "accelerator" / "firmware").predict(firmware_layout(x)).argmax(1)
     assert np.asarray(answer["probabilities"]).argmax(1).tolist() == expected.tolist()
+
+
+def test_the_same_model_gives_the_same_firmware_bytes(dense_mlp: Path, digits, firmware, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from packager.fpga.stage import tree_digest
+
+    again = compile_hls(dense_mlp, digits.x_train[:500], tmp_path / "again", part=PART)
+    assert tree_digest(again.project) == tree_digest(firmware.project)

@@ -18,10 +18,12 @@ is a lookup-table approximation, and the argmax does not need it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
 import math
+import re
 import shutil
 import tempfile
 import warnings
@@ -294,7 +296,13 @@ def _write_project(chain: Path, precision: HlsPrecision, out_dir: Path, part: st
 
 
 def _relocatable(project: Path) -> None:
-    """No absolute path of this machine may stay in the project (bundles are unpacked elsewhere)."""
+    """No absolute path of this machine may stay in the project (bundles are unpacked elsewhere), and
+    hls4ml's random build stamp becomes a digest of the firmware, so the same model gives the same bytes."""
+    stamp = re.search(r"^Stamp: (\w+)$", (project / "hls4ml_config.yml").read_text(), re.M)
+    digest = hashlib.sha256()
+    for path in sorted((project / "firmware").rglob("*")):
+        if path.is_file() and path.suffix not in (".so", ".o"):
+            digest.update(path.read_bytes())
     for path in project.rglob("*"):
         if not path.is_file() or path.suffix in (".so", ".o"):
             continue
@@ -302,8 +310,11 @@ def _relocatable(project: Path) -> None:
             text = path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
             continue
-        if str(project) in text:
-            path.write_text(text.replace(str(project), "."), encoding="utf-8")
+        fixed = text.replace(str(project), ".")
+        if stamp:
+            fixed = fixed.replace(stamp.group(1), digest.hexdigest()[:8])
+        if fixed != text:
+            path.write_text(fixed, encoding="utf-8")
     for leftover in list(project.rglob("*.so")) + list(project.rglob("*.o")):
         leftover.unlink()
 
