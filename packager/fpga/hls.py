@@ -81,6 +81,12 @@ class HlsBuild:
     estimate: dict[str, Any] = field(default_factory=dict)
     hls4ml_version: str = ""
     channels_last: bool = False
+    layers: list[Layer] = field(default_factory=list)  # the chain the firmware runs (no final Softmax)
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Names of the layers with weights, as the report lists them."""
+        return [layer.name for layer in _weighted(self.layers)]
 
     def report(self, dense_names: list[str]) -> dict[str, Any]:
         """The ``accelerator`` part of the packaging report."""
@@ -394,8 +400,8 @@ def compile_hls(model: Path, calibration: np.ndarray, out_dir: Path, *, part: st
     assert isinstance(last, Dense)
     build = HlsBuild(out_dir, precision, int(np.prod(x.shape[1:])), int(last.weight.shape[1]), host_softmax,
                      agreement, error, trials, _estimate(body, precision, tuple(x.shape[1:])), version)
-    build.channels_last = channels_last
-    (out_dir / "precision.json").write_text(json.dumps(build.report([layer.name for layer in weighted]), indent=2,
+    build.channels_last, build.layers = channels_last, body
+    (out_dir / "precision.json").write_text(json.dumps(build.report(build.layer_names), indent=2,
                                                        sort_keys=True) + "\n")
     log.info("HLS firmware for %s: %s, %.1f%% top-1 agreement with fp32", model, precision.input, agreement * 100)
     return build

@@ -79,16 +79,13 @@ def _hls(model: Path, profile: DeviceProfile, calibration: np.ndarray, scratch: 
          labels: tuple[np.ndarray, np.ndarray] | None) -> AcceleratorStage:
     from packager.fpga.fixed import FirmwareReference
     from packager.fpga.hls import compile_hls, firmware_layout, float_forward
-    from packager.fpga.lower import Conv2D, Dense, Softmax, lower_onnx
 
     board = _board(profile)
     build = compile_hls(model, calibration, scratch / "firmware", part=str(board["part"]))
-    layers = lower_onnx(model)
-    body = layers[:-1] if layers and isinstance(layers[-1], Softmax) else layers
-    report = build.report([layer.name for layer in body if isinstance(layer, Dense | Conv2D)])
+    report = build.report(build.layer_names)
     reference = FirmwareReference(build.project)
     report["accuracy_fixed"] = _accuracy(lambda x: reference.predict(firmware_layout(x)), labels)
-    report["accuracy_fp32"] = _accuracy(lambda x: float_forward(body, x)[0], labels)
+    report["accuracy_fp32"] = _accuracy(lambda x: float_forward(build.layers, x)[0], labels)
     accelerator = {**board, "backend": "hls4ml", "firmware": "accelerator/firmware",
                    "firmware_sha256": tree_digest(build.project), "precision": report["precision"]}
     runtime = {"backend": "hls4ml", "model_path": "model/model.onnx", "precision": "fixed",
