@@ -14,8 +14,10 @@ and each call is dispatched to that target (see :mod:`packager.targets`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +65,22 @@ def _local() -> LocalTarget:
     return LocalTarget()
 
 
+@contextlib.contextmanager
+def _opened(target: Any) -> Iterator[Any]:
+    """A target for one call; its connection (a Docker or Kubernetes client) is closed afterwards."""
+    try:
+        yield target
+    finally:
+        close = getattr(target, "close", None)
+        if close is not None:
+            close()
+
+
 def _target_of(name: str) -> Any:
-    """The target that runs service ``name`` (from its record); NotFoundError if none."""
+    """The target that runs service ``name`` (from its record), for one call; NotFoundError if none."""
     record = _local().record(name)
     kubeconfig = record.get("kubeconfig")
-    return get_target(str(record.get("target", "local")), kubeconfig=Path(kubeconfig) if kubeconfig else None)
+    return _opened(get_target(str(record.get("target", "local")), kubeconfig=Path(kubeconfig) if kubeconfig else None))
 
 
 def deploy(
@@ -94,17 +107,20 @@ def deploy(
     """
     spec = DeploymentSpec(name=name, bundle=Path(bundle), port=port, grpc_port=grpc_port, auth=auth,
                           host=host, cpu=cpu, memory_mb=memory_mb, replicas=replicas)
-    return get_target(target, **target_options).deploy(spec, wait=wait, timeout=timeout)
+    with _opened(get_target(target, **target_options)) as chosen:
+        return chosen.deploy(spec, wait=wait, timeout=timeout)
 
 
 def wait_for_deployment(name: str, timeout: float = 60.0) -> Service:
     """Block until service ``name`` is ready; DeploymentError if it dies or the timeout passes."""
-    return _target_of(name).wait_ready(name, timeout)
+    with _target_of(name) as target:
+        return target.wait_ready(name, timeout)
 
 
 def get_service(name: str) -> Service:
     """Service ``name`` with its live state; NotFoundError if there is none."""
-    return _target_of(name).status(name)
+    with _target_of(name) as target:
+        return target.status(name)
 
 
 def list_services() -> list[Service]:
@@ -120,7 +136,8 @@ def list_services() -> list[Service]:
 
 def logs(name: str, tail: int | None = None) -> str:
     """The log of service ``name`` (the last ``tail`` lines when given)."""
-    return str(_target_of(name).logs(name, tail))
+    with _target_of(name) as target:
+        return str(target.logs(name, tail))
 
 
 def get_keys(name: str) -> dict[str, str]:
@@ -135,12 +152,14 @@ def regenerate_key(name: str, which: str) -> dict[str, str]:
 
 def update(name: str, bundle: str | Path) -> Service:
     """Hot-swap service ``name`` to ``bundle`` with no failed requests."""
-    return _target_of(name).update(name, Path(bundle))
+    with _target_of(name) as target:
+        return target.update(name, Path(bundle))
 
 
 def delete(name: str) -> None:
     """Stop service ``name`` and remove everything it left; NotFoundError if there is none."""
-    _target_of(name).delete(name)
+    with _target_of(name) as target:
+        target.delete(name)
 
 
 def run(name: str, data: Any, timeout: float = 30.0) -> Any:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,11 @@ class DockerTarget:
         if self._client is None:
             import docker
 
+            url = self._base_url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+            if url.startswith("unix://") and not Path(url.removeprefix("unix://")).exists():
+                # checked first: the SDK leaks the socket of a failed unix connection
+                raise DeploymentError(f"no Docker engine answers at {url} (no such socket); start Docker or "
+                                      "set DOCKER_HOST")
             try:
                 self._client = docker.DockerClient(base_url=self._base_url) if self._base_url \
                     else docker.from_env()

@@ -56,6 +56,12 @@ class KubernetesTarget:
         self._local = LocalTarget(root)
         self._api: Any = None
 
+    def close(self) -> None:
+        """Close the API client's connection pool."""
+        if self._api is not None:
+            self._api[1].close()
+            self._api = None
+
     # cluster access -----------------------------------------------------------------------------------
 
     def _client(self) -> Any:
