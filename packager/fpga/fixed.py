@@ -126,6 +126,17 @@ class FirmwareReference:
         name = config[field]
         return self.types[name] if name in self.types else parse_fixed(name)
 
+    def layer_types(self) -> list[dict[str, str]]:
+        """The types each weighted layer was written with, in order: weight, bias, accum and result."""
+        types = []
+        for step in self.steps:
+            if step.function in ("dense", "dense_latency", "conv_2d_cl"):
+                types.append({
+                    "weight": str(self._type_of(step.config, "weight_t")), "bias": str(self._type_of(step.config,
+                                                                                                     "bias_t")),
+                    "accum": str(self._type_of(step.config, "accum_t")), "result": str(step.result)})
+        return types
+
     def forward_fixed(self, x: np.ndarray) -> tuple[np.ndarray, FixedType]:
         """Integer outputs (and their type) for float inputs ``x`` [N, inputs]."""
         values = to_fixed(x, self.input_type)

@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -37,6 +38,7 @@ import numpy as np
 from packager.errors import PackagingError
 from packager.fpga.fixed import FirmwareReference, FixedType, to_fixed
 from packager.fpga.lower import Conv2D, Dense, Flatten, Layer, MaxPool2D, Relu, Softmax, lower_onnx
+from packager.home import edgedeploy_home
 
 __all__ = ["HLS_WIDTHS", "HlsBuild", "HlsPrecision", "compile_hls", "firmware_layout", "float_forward"]
 
@@ -49,20 +51,26 @@ _PROJECT = "myproject"
 
 @dataclass
 class HlsPrecision:
-    """The chosen types: inputs, weights and biases, and the activation of each hidden layer.
+    """The chosen types: the inputs, each weighted layer's weights and bias, each hidden activation.
 
-    hls4ml's ONNX front end gives every layer's weights the model's default type, so the weight type is
-    searched once for all layers (``weights`` repeats it per layer); activations are per layer.
+    ``weights[i]`` is the type of the i-th Dense/Conv2D layer's weights and bias (searched per layer);
+    ``activations[i]`` that of the i-th ReLU's output. Accumulators and the pre-activation results are
+    hls4ml's ``auto`` types, wide enough for the exact sum; :attr:`firmware_types` records them as written.
     """
 
     input: FixedType
     weights: list[FixedType]
     activations: list[FixedType]
+    firmware_types: list[dict[str, str]] = field(default_factory=list)
 
     def to_dict(self, layer_names: list[str]) -> dict[str, Any]:
-        layers = {name: {"weight": str(w), "bias": str(w)} for name, w in zip(layer_names, self.weights, strict=True)}
-        for name, act in zip(layer_names, self.activations, strict=False):
-            layers[name]["activation_after"] = str(act)
+        """Per layer: weight, bias, accum and result types (as written in the firmware) and the ReLU after it."""
+        written = self.firmware_types if len(self.firmware_types) == len(layer_names) else [{}] * len(layer_names)
+        layers: dict[str, dict[str, str]] = {}
+        for index, (name, kind, types) in enumerate(zip(layer_names, self.weights, written, strict=True)):
+            layers[name] = {"weight": str(kind), "bias": str(kind), **types}
+            if index < len(self.activations):
+                layers[name]["activation_after"] = str(self.activations[index])
         return {"input": str(self.input), "layers": layers, "accumulators": "hls4ml auto (lossless)"}
 
 
@@ -82,6 +90,7 @@ class HlsBuild:
     hls4ml_version: str = ""
     channels_last: bool = False
     layers: list[Layer] = field(default_factory=list)  # the chain the firmware runs (no final Softmax)
+    csim_confirmed: bool = False  # the g++ C simulation gave the reference's outputs bit for bit
 
     @property
     def layer_names(self) -> list[str]:
@@ -93,7 +102,7 @@ class HlsBuild:
         return {"toolchain": f"hls4ml {self.hls4ml_version} (Vitis backend, io_parallel, latency)",
                 "precision": self.precision.to_dict(dense_names), "agreement_top1": self.agreement,
                 "max_abs_error": self.max_abs_error, "search": self.trials, "estimate": self.estimate,
-                "host_softmax": self.host_softmax}
+                "host_softmax": self.host_softmax, "csim_confirmed": self.csim_confirmed}
 
 
 _CHAIN = (Dense, Conv2D, Relu, MaxPool2D, Flatten)
@@ -146,11 +155,12 @@ def _forward(body: Sequence[Layer], x: np.ndarray,
 
     values = q(np.asarray(x, dtype=np.float64), precision.input if precision else None)
     hidden: list[np.ndarray] = []
-    weight_kind = precision.weights[0] if precision else None
+    weighted = 0
     for layer in body:
         if isinstance(layer, Dense | Conv2D):
-            weight, bias = q(layer.weight.astype(np.float64), weight_kind), q(layer.bias.astype(np.float64),
-                                                                              weight_kind)
+            kind = precision.weights[weighted] if precision else None
+            weighted += 1
+            weight, bias = q(layer.weight.astype(np.float64), kind), q(layer.bias.astype(np.float64), kind)
             values = values @ weight + bias if isinstance(layer, Dense) else _conv_nchw(values, layer, weight, bias)
         elif isinstance(layer, Relu):
             values = np.maximum(values, 0)
@@ -192,15 +202,17 @@ def _search(body: list[Layer], x: np.ndarray, target: float, max_error: float | 
             widths: tuple[int, ...]) -> tuple[HlsPrecision, list[dict[str, Any]]]:
     reference, hidden = float_forward(body, x)
     weighted = _weighted(body)
+    # knobs in the order they are narrowed: inputs, each layer's weights, each hidden activation
     peaks = {"input": float(np.abs(x).max())}
-    peaks["weights"] = float(max(max(np.abs(d.weight).max(), np.abs(d.bias).max()) for d in weighted))
+    peaks.update({f"weights[{layer.name}]": float(max(np.abs(layer.weight).max(), np.abs(layer.bias).max()))
+                  for layer in weighted})
     peaks.update({f"activation[{i}]": float(h.max()) for i, h in enumerate(hidden)})
     chosen = {knob: widths[0] for knob in peaks}
 
     def precision_of(widths_now: dict[str, int]) -> HlsPrecision:
         return HlsPrecision(
             _kind(widths_now["input"], peaks["input"]),
-            [_kind(widths_now["weights"], peaks["weights"])] * len(weighted),
+            [_kind(widths_now[f"weights[{layer.name}]"], peaks[f"weights[{layer.name}]"]) for layer in weighted],
             [_kind(widths_now[f"activation[{i}]"], peaks[f"activation[{i}]"]) for i in range(len(hidden))])
 
     def good(agreement: float, error: float) -> bool:
@@ -282,23 +294,31 @@ def _write_project(chain: Path, precision: HlsPrecision, out_dir: Path, part: st
         wrapped = cleanup_model(wrapped.transform(GemmToMatMul()))
         config = hls4ml.utils.config_from_onnx_model(wrapped, granularity="name", backend="Vitis",
                                                      default_precision="ap_fixed<16,6>")
-        config["Model"]["Precision"]["default"] = str(precision.weights[0])
         names = config["LayerName"]
         names["global_in"]["Precision"]["result"] = str(precision.input)
         for index, act in enumerate(precision.activations):
             names[f"Relu_{index}"]["Precision"]["result"] = str(act)
             if f"MaxPool_{index}" in names:  # a max keeps its input's values: keep their type
                 names[f"MaxPool_{index}"]["Precision"]["result"] = str(act)
-        for index, kind in enumerate(precision.weights):
-            for param in (f"MatMul_{index}_param0", f"Add_{index}_param0", f"Conv_{index}_param0"):
-                if param in names:
-                    names[param]["Precision"]["result"] = str(kind)
+        _set_weight_types(names, precision.weights)
         model = hls4ml.converters.convert_from_onnx_model(
             wrapped, output_dir=str(out_dir), project_name=_PROJECT, backend="Vitis", io_type="io_parallel",
             hls_config=config, part=part)
         model.write()
     log.debug("hls4ml: %s", chatter.getvalue())
     return str(hls4ml.__version__)
+
+
+def _set_weight_types(names: dict[str, Any], kinds: list[FixedType]) -> None:
+    """Each weighted layer's weight and bias types, on the layer itself: hls4ml reads them there when it
+    folds ``MatMul`` + ``Add`` into a Dense (or a Conv's bias), not on the constant nodes."""
+    matmuls = sorted((k for k in names if re.fullmatch(r"MatMul_\d+", k)), key=lambda k: int(k.split("_")[1]))
+    convs = sorted((k for k in names if re.fullmatch(r"Conv_\d+", k)), key=lambda k: int(k.split("_")[1]))
+    layers = convs + matmuls  # the chains are Conv... then Dense...
+    if len(layers) != len(kinds):
+        raise PackagingError(f"hls4ml's configuration has {len(layers)} weighted layers, the search {len(kinds)}")
+    for layer, kind in zip(layers, kinds, strict=True):
+        names[layer]["Precision"].update(weight=str(kind), bias=str(kind))
 
 
 def _relocatable(project: Path) -> None:
@@ -328,12 +348,13 @@ def _relocatable(project: Path) -> None:
 def _estimate(body: list[Layer], precision: HlsPrecision, input_shape: tuple[int, ...]) -> dict[str, Any]:
     """Our analytical estimate for reuse factor 1 (hls4ml gives none without the vendor tools)."""
     multipliers, dsp, lut_mults, latency, bits = 0, 0, 0, 0, 0
-    kind = precision.weights[0]
+    kinds = iter(precision.weights)
     data_width = precision.input.width
     spatial = input_shape[1:] if len(input_shape) == 3 else (1, 1)
     hidden = iter(precision.activations)
     for layer in body:
         if isinstance(layer, Dense | Conv2D):
+            kind = next(kinds)
             nonzero = int(np.count_nonzero(to_fixed(layer.weight, kind)))
             positions = 1
             if isinstance(layer, Conv2D):
@@ -369,20 +390,76 @@ def firmware_layout(x: np.ndarray) -> np.ndarray:
     return x.transpose(0, 2, 3, 1).reshape(len(x), -1) if x.ndim == 4 else x.reshape(len(x), -1)
 
 
+def _check_written(precision: HlsPrecision, reference: FirmwareReference) -> None:
+    """hls4ml must have written the searched types; a config key it ignored would silently change them."""
+    written = [(types["weight"], types["bias"]) for types in precision.firmware_types]
+    wanted = [(str(kind), str(kind)) for kind in precision.weights]
+    if written != wanted or str(reference.input_type) != str(precision.input):
+        raise PackagingError(f"hls4ml wrote other types than the search chose: input {reference.input_type}, "
+                             f"weights {written}; wanted input {precision.input}, weights {wanted}")
+
+
+def _default_csim_cache() -> Path:
+    """``$EDGEDEPLOY_FPGA_CACHE`` (the agent's cache too, so a host that packages and serves compiles once),
+    else ``$EDGEDEPLOY_HOME/fpga-cache``."""
+    configured = os.environ.get("EDGEDEPLOY_FPGA_CACHE")
+    return Path(configured) if configured else edgedeploy_home() / "fpga-cache"
+
+
+def _confirm_on_csim(project: Path, x: np.ndarray, expected: np.ndarray, cache: Path) -> bool:
+    """Build the firmware's C simulation once (g++, cached by firmware digest) and check that it gives the
+    reference's outputs bit for bit; False (logged) when this machine has no C++ compiler."""
+    from edge_agent.fpga.csim import CSimModel, cxx_compiler
+    from packager.errors import BundleError
+
+    if cxx_compiler() is None:
+        log.warning("no C++ compiler: the firmware's C simulation was not run (the integer reference was)")
+        return False
+    try:
+        emulated = CSimModel.build(project, cache, x.shape[1], expected.shape[1]).predict(x)
+    except BundleError as exc:
+        raise PackagingError(f"the firmware hls4ml wrote does not build: {exc}") from exc
+    if not np.array_equal(emulated, expected):
+        rows = int((emulated != expected).any(axis=1).sum())
+        raise PackagingError(f"the firmware's C simulation differs from the fixed-point reference on {rows} of "
+                             f"{len(x)} calibration samples")
+    return True
+
+
+def _calibration_input(first: Dense | Conv2D, calibration: np.ndarray) -> np.ndarray:
+    """The calibration set as the first layer takes it: [N, F] for a Dense, [N, C, H, W] for a Conv2D."""
+    x = np.asarray(calibration, dtype=np.float32)
+    if isinstance(first, Dense):
+        flat = x.reshape(len(x), -1)
+        if flat.shape[1] != first.weight.shape[0]:
+            raise PackagingError(f"the calibration set's samples have {flat.shape[1]} values; the model's first "
+                                 f"layer takes {first.weight.shape[0]}")
+        return flat
+    if x.ndim != 4 or x.shape[1] != first.weight.shape[1]:
+        raise PackagingError(f"the calibration set's shape {list(x.shape)[1:]} does not fit the model's first "
+                             f"convolution ({first.weight.shape[1]} channels, NCHW)")
+    return x
+
+
 def compile_hls(model: Path, calibration: np.ndarray, out_dir: Path, *, part: str, target_agreement: float = 0.99,
-                max_error: float | None = None, widths: tuple[int, ...] = HLS_WIDTHS) -> HlsBuild:
-    """Search the precisions, write the firmware project into ``out_dir`` and measure it."""
+                max_error: float | None = None, widths: tuple[int, ...] = HLS_WIDTHS, confirm: bool = True,
+                csim_cache: Path | None = None) -> HlsBuild:
+    """Search the precisions on ``calibration``, write the firmware project into ``out_dir`` and measure it.
+
+    ``target_agreement`` is the top-1 agreement with fp32 each narrowing must keep, unless ``max_error``
+    (max absolute logit error) is given; ``widths`` are the total widths tried, widest first. The search
+    scores candidates with numpy only; the written firmware is then read back by
+    :class:`~packager.fpga.fixed.FirmwareReference` for the reported agreement and, with ``confirm``,
+    built once into its g++ C simulation (cached by firmware digest in ``csim_cache``, default
+    ``$EDGEDEPLOY_FPGA_CACHE`` or ``$EDGEDEPLOY_HOME/fpga-cache``) whose outputs must equal the
+    reference's exactly. A trailing Softmax is not in the firmware: its
+    outputs are logits, and softmax runs on the host in float32 (``host_softmax``), because hls4ml's
+    softmax is a lookup-table approximation that no exact reference could follow.
+    """
     body, host_softmax = _chain(lower_onnx(model))
     weighted = _weighted(body)
-    x = np.asarray(calibration, dtype=np.float32)
     first = weighted[0]
-    expected = first.weight.shape[1] if isinstance(first, Conv2D) else first.weight.shape[0]
-    got = x.shape[1] if x.ndim > 1 else 0
-    if (isinstance(first, Dense) and x.reshape(len(x), -1).shape[1] != expected) or \
-            (isinstance(first, Conv2D) and (x.ndim != 4 or got != expected)):
-        raise PackagingError(f"the calibration set's shape {list(x.shape)[1:]} does not fit the model's first layer")
-    if isinstance(first, Dense):
-        x = x.reshape(len(x), -1)
+    x = _calibration_input(first, calibration)
     precision, trials = _search(body, x, target_agreement, max_error, widths)
     out_dir = Path(out_dir)
     if out_dir.exists():
@@ -394,13 +471,18 @@ def compile_hls(model: Path, calibration: np.ndarray, out_dir: Path, *, part: st
         version = _write_project(chain, precision, out_dir, part, channels_last)
     _relocatable(out_dir)
     reference, _hidden = float_forward(body, x)
-    firmware = FirmwareReference(out_dir).predict(firmware_layout(x))
+    written = FirmwareReference(out_dir)
+    precision.firmware_types = written.layer_types()
+    _check_written(precision, written)
+    firmware = written.predict(firmware_layout(x))
     agreement, error = _score(firmware, reference)
+    cache = Path(csim_cache) if csim_cache is not None else _default_csim_cache()
+    confirmed = confirm and _confirm_on_csim(out_dir, firmware_layout(x), firmware, cache)
     last = weighted[-1]
     assert isinstance(last, Dense)
     build = HlsBuild(out_dir, precision, int(np.prod(x.shape[1:])), int(last.weight.shape[1]), host_softmax,
                      agreement, error, trials, _estimate(body, precision, tuple(x.shape[1:])), version)
-    build.channels_last, build.layers = channels_last, body
+    build.channels_last, build.layers, build.csim_confirmed = channels_last, body, confirmed
     (out_dir / "precision.json").write_text(json.dumps(build.report(build.layer_names), indent=2,
                                                        sort_keys=True) + "\n")
     log.info("HLS firmware for %s: %s, %.1f%% top-1 agreement with fp32", model, precision.input, agreement * 100)
