@@ -22,11 +22,13 @@ import numpy as np
 
 from packager.errors import BundleError
 
-__all__ = ["CSimModel", "firmware_digest"]
+__all__ = ["CSimModel", "cxx_compiler", "firmware_digest"]
 
 log = logging.getLogger(__name__)
 
 _SOURCES = ("firmware", "myproject_bridge.cpp")
+_LOCKS: dict[str, threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
 
 
 def firmware_digest(project: Path) -> str:
@@ -51,7 +53,10 @@ class CSimModel:
         pointer = ctypes.POINTER(ctypes.c_double)
         self._call.argtypes = [pointer, pointer]
         self._call.restype = None
-        self._lock = threading.Lock()  # the firmware loads its weights into statics on the first call
+        # the firmware keeps its weights in statics it fills on the first call, and dlopen gives every
+        # loader of one path the same copy: one lock per library, not per instance
+        with _LOCKS_GUARD:
+            self._lock = _LOCKS.setdefault(str(library), threading.Lock())
 
     @classmethod
     def build(cls, project: Path, cache_dir: Path, inputs: int, outputs: int) -> CSimModel:
@@ -64,6 +69,7 @@ class CSimModel:
         home = Path(cache_dir) / key[:24]
         library = home / "myproject.so"
         if not library.exists():
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
             _compile(project, home)
         else:
             log.info("firmware %s: C simulation reused from %s", key[:12], home)
@@ -82,29 +88,66 @@ class CSimModel:
         return out
 
 
+def cxx_compiler() -> str | None:
+    """The C++ compiler the emulator uses (``$CXX``, default g++), or None when it is not installed."""
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def _accepts(compiler: str, flag: str) -> bool:
+    probe = subprocess.run([compiler, "-Werror", "-fsyntax-only", flag, "-xc++", "-", "-o", os.devnull],
+                           input="", capture_output=True, text=True, check=False)
+    return probe.returncode == 0
+
+
+def _flags(compiler: str) -> list[str]:
+    """hls4ml's build_lib.sh flags: -O3 -fPIC, C++23 when the compiler has it (else C++11), and
+    -fno-gnu-unique, so two firmwares loaded in one process never share a template's statics."""
+    flags = ["-O3", "-fPIC", "-std=c++23" if _accepts(compiler, "-std=c++23") else "-std=c++11"]
+    return flags + (["-fno-gnu-unique"] if _accepts(compiler, "-fno-gnu-unique") else [])
+
+
 def _compile(project: Path, home: Path) -> None:
-    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    compiler = cxx_compiler()
     if compiler is None:
         raise BundleError("the FPGA emulator needs a C++ compiler (g++) on this device: apt-get install g++")
-    partial = home.with_name(home.name + f".partial-{os.getpid()}")
+    partial = home.with_name(home.name + f".partial-{os.getpid()}-{threading.get_ident()}")
     shutil.rmtree(partial, ignore_errors=True)
     shutil.copytree(project / "firmware" / "weights", partial / "weights")
-    weights = f'"{home / "weights"}"'
-    base = [compiler, "-O3", "-fPIC", "-std=c++11", f"-I{project / 'firmware' / 'ap_types'}",
-            f"-I{project / 'firmware'}", f"-DWEIGHTS_DIR={weights}"]
-    objects = []
-    for source in (project / "firmware" / "myproject.cpp", project / "myproject_bridge.cpp"):
-        target = partial / (source.stem + ".o")
-        _run([*base, "-c", str(source), "-o", str(target)], project)
-        objects.append(str(target))
-    _run([compiler, "-shared", *objects, "-o", str(partial / "myproject.so")], project)
-    shutil.rmtree(home, ignore_errors=True)
-    partial.replace(home)
+    weights = f'"{home / "weights"}"'  # the library reads its weights from the cache, not from the bundle
+    base = [compiler, *_flags(compiler), f"-I{project / 'firmware' / 'ap_types'}", f"-I{project / 'firmware'}",
+            f"-DWEIGHTS_DIR={weights}"]
+    try:
+        sources = (project / "firmware" / "myproject.cpp", project / "myproject_bridge.cpp")
+        objects = [str(partial / (source.stem + ".o")) for source in sources]
+        # the two translation units compile in parallel: half the wait on a two-core device
+        _run_all([[*base, "-c", str(source), "-o", obj] for source, obj in zip(sources, objects, strict=True)],
+                 project)
+        _run_all([[compiler, "-shared", *objects, "-o", str(partial / "myproject.so")]], project)
+        for obj in objects:
+            Path(obj).unlink()
+        partial.rename(home)  # atomic; fails when another process installed the same digest first
+    except OSError:
+        if not (home / "myproject.so").exists():
+            raise
+        log.info("firmware %s was compiled by another process meanwhile", home.name)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     log.info("firmware compiled into %s", home)
 
 
-def _run(command: list[str], cwd: Path) -> None:
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-8:])
-        raise BundleError(f"building the firmware's C simulation failed ({result.returncode}):\n{tail}")
+def _run_all(commands: list[list[str]], cwd: Path) -> None:
+    """Run the commands side by side; BundleError with the compiler's last lines when one fails."""
+    running = [subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for command in commands]
+    outputs = [process.communicate()[0] for process in running]
+    for process, output in zip(running, outputs, strict=True):
+        if process.returncode != 0:
+            raise BundleError(f"building the firmware's C simulation failed ({process.returncode}):\n"
+                              + _diagnosis(output))
+
+
+def _diagnosis(output: str) -> str:
+    """The compiler's error lines (ap_types floods its output with deprecation warnings), else its last lines."""
+    lines = output.strip().splitlines()
+    errors = [line for line in lines if "error" in line.lower() and "warning:" not in line]
+    return "\n".join((errors or lines)[-8:])
