@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +18,9 @@ from onnx import TensorProto, helper
 
 from edge_agent.fpga.csim import CSimModel
 from packager.bundle import open_bundle
-from packager.errors import PackagingError, UsageError
+from packager.errors import BundleError, PackagingError, UsageError
 from packager.examples import build_digits_dense_mlp
-from packager.fpga.fixed import FirmwareReference, FixedType, parse_fixed, to_fixed
+from packager.fpga.fixed import FirmwareReference, FixedType, parse_fixed, to_fixed, to_fixed_as_written
 from packager.fpga.hls import HLS_WIDTHS, compile_hls, firmware_layout, float_forward
 from packager.fpga.lower import Conv2D, Dense, Flatten, MaxPool2D, Relu, Softmax, lower_onnx
 from packager.packaging import package
@@ -24,6 +29,15 @@ from tests.servers import post_json, serving
 pytest.importorskip("hls4ml")
 pytestmark = pytest.mark.slow
 PART = "xck26-sfvc784-2LV-c"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fpga_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One C simulation cache for the module: packaging confirms on it and the agent reuses it."""
+    cache = tmp_path_factory.mktemp("fpga-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EDGEDEPLOY_FPGA_CACHE", str(cache))
+        yield cache
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +53,15 @@ def firmware(dense_mlp: Path, digits, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="module")
-def simulation(firmware, tmp_path_factory: pytest.TempPathFactory) -> CSimModel:  # type: ignore[no-untyped-def]
-    return CSimModel.build(firmware.project, tmp_path_factory.mktemp("csim-cache"), 64, 10)
+def simulation(firmware, fpga_cache: Path) -> CSimModel:  # type: ignore[no-untyped-def]
+    return CSimModel.build(firmware.project, fpga_cache, 64, 10)  # compiled when compile_hls confirmed it
+
+
+@pytest.fixture(scope="module")
+def strict(dense_mlp: Path, digits, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The same MLP for a max-error goal: the same layer and symbol names, other types."""
+    return compile_hls(dense_mlp, digits.x_train[:300], tmp_path_factory.mktemp("strict") / "p", part=PART,
+                       max_error=0.05, confirm=False)
 
 
 def test_lowering_reads_dense_and_conv_chains(dense_mlp: Path, digits_cnn: Path) -> None:
@@ -49,11 +70,39 @@ def test_lowering_reads_dense_and_conv_chains(dense_mlp: Path, digits_cnn: Path)
     assert [type(layer) for layer in lower_onnx(digits_cnn)] == [Conv2D, Relu, MaxPool2D, Flatten, Dense, Softmax]
 
 
+def _graph(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], path: Path) -> Path:
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                              [helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, ["N", 10])],
+                              inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_lowering_reads_matmul_add_and_reshape_as_exported(tmp_path: Path) -> None:
+    """torch.onnx's shape: Reshape to [N, -1], then MatMul + Add with the bias first or second."""
+    rng = np.random.default_rng(0)
+    weight, bias = rng.normal(size=(64, 10)).astype(np.float32), rng.normal(size=10).astype(np.float32)
+    inits = [onnx.numpy_helper.from_array(np.array([-1, 64], np.int64), "shape"),
+             onnx.numpy_helper.from_array(weight, "W"), onnx.numpy_helper.from_array(bias, "b")]
+    nodes = [helper.make_node("Reshape", ["input", "shape"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "W"], ["m"]), helper.make_node("Add", ["b", "m"], ["logits"])]
+    layers = lower_onnx(_graph(nodes, inits, tmp_path / "exported.onnx"))
+    assert [type(layer) for layer in layers] == [Flatten, Dense]
+    assert np.array_equal(layers[1].weight, weight) and np.array_equal(layers[1].bias, bias)
+    branch = [helper.make_node("Reshape", ["input", "shape"], ["flat"]), helper.make_node("Relu", ["flat"], ["r"]),
+              helper.make_node("MatMul", ["flat", "W"], ["logits"])]  # skips the Relu: not a chain
+    with pytest.raises(PackagingError, match="previous layer's output"):
+        lower_onnx(_graph(branch, inits, tmp_path / "branch.onnx"))
+    inits[0] = onnx.numpy_helper.from_array(np.array([-1, 8, 8], np.int64), "shape")
+    with pytest.raises(PackagingError, match="not a flatten"):
+        lower_onnx(_graph(nodes, inits, tmp_path / "reshape3d.onnx"))
+
+
 def test_unsupported_operators_are_all_listed(digits_mlp: Path) -> None:
     with pytest.raises(PackagingError) as refused:
         lower_onnx(digits_mlp)  # skl2onnx's graph: ArgMax, Cast, ... besides the dense layers
     message = str(refused.value)
-    assert "ArgMax" in message and "Cast" in message and "(supported: Add, Conv" in message
+    assert "do not support: ArgMax, ArrayFeatureExtractor, Cast, Identity (supported: Add, Conv" in message
 
 
 def test_ap_fixed_conversion_truncates_and_wraps() -> None:
@@ -62,12 +111,19 @@ def test_ap_fixed_conversion_truncates_and_wraps() -> None:
     assert parse_fixed("ap_uint<1>") == FixedType(1, 1, signed=False)
     # 4 fraction bits: 0.99 -> 15/16; -0.01 -> -1/16 (toward -inf); 2.0 wraps to -2.0
     assert to_fixed(np.array([0.99, -0.01, 2.0, 1.9375]), kind).tolist() == [15, -1, -32, 31]
+    # hls4ml writes weights with `fraction` decimals: -1e-9 is "-0.0000" (0), 0.2499 at 2 decimals is "0.25" (1)
+    assert to_fixed_as_written(np.array([-1e-9, 0.5]), kind).tolist() == [0, 8]
+    assert to_fixed(np.array([-1e-9]), kind).tolist() == [-1]
+    assert to_fixed_as_written(np.array([0.2499]), FixedType(4, 2)).tolist() == [1]
 
 
 def test_precision_search_narrows_and_keeps_agreement(firmware, digits) -> None:  # type: ignore[no-untyped-def]
     chosen = firmware.precision
     assert chosen.input.width < HLS_WIDTHS[0] and chosen.weights[0].width < HLS_WIDTHS[0]
     assert firmware.agreement >= 0.99  # measured on the written firmware, not on the search's model
+    # the search's model of the firmware is exact: its last kept candidate scores what the firmware scores
+    last = [t for t in firmware.trials if t["kept"]][-1]
+    assert (last["agreement_top1"], last["max_abs_error"]) == (firmware.agreement, firmware.max_abs_error)
     kept = [t for t in firmware.trials if t["kept"]]
     assert all(t["agreement_top1"] >= 0.99 for t in kept)
     refused = [t for t in firmware.trials if not t["kept"]]
@@ -77,18 +133,43 @@ def test_precision_search_narrows_and_keeps_agreement(firmware, digits) -> None:
     assert report["estimate"]["multipliers"] > 0 and report["estimate"]["latency_cycles"] > 0
 
 
-def test_a_max_error_goal_chooses_wider_types(dense_mlp: Path, digits, firmware, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    strict = compile_hls(dense_mlp, digits.x_train[:300], tmp_path / "strict", part=PART, max_error=0.05)
+def test_precision_is_chosen_per_layer_and_written_into_the_firmware(firmware) -> None:  # type: ignore[no-untyped-def]
+    chosen = firmware.precision
+    knobs = {t["knob"] for t in firmware.trials}
+    assert {"input", "weights[fc1]", "weights[fc2]", "activation[0]"} <= knobs
+    layers = json.loads((firmware.project / "precision.json").read_text())["precision"]["layers"]
+    assert list(layers) == ["fc1", "fc2"]
+    for (name, types), kind in zip(layers.items(), chosen.weights, strict=True):
+        assert types["weight"] == str(kind) and set(types) >= {"weight", "bias", "accum", "result"}, name
+    assert layers["fc1"]["activation_after"] == str(chosen.activations[0])
+    written = FirmwareReference(firmware.project)
+    assert written.input_type == chosen.input
+    assert [types["weight"] for types in written.layer_types()] == [str(kind) for kind in chosen.weights]
+
+
+def test_the_firmware_is_confirmed_on_its_c_simulation(firmware, strict) -> None:  # type: ignore[no-untyped-def]
+    assert firmware.csim_confirmed and not strict.csim_confirmed
+    assert json.loads((firmware.project / "precision.json").read_text())["csim_confirmed"] is True
+
+
+def test_a_max_error_goal_chooses_wider_types(strict, firmware) -> None:  # type: ignore[no-untyped-def]
     assert strict.max_abs_error <= 0.05
     assert strict.precision.weights[0].width > firmware.precision.weights[0].width
 
 
-def test_firmware_project_is_relocatable(firmware) -> None:  # type: ignore[no-untyped-def]
+def test_firmware_project_is_relocatable(firmware, digits, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    machine = [str(firmware.project), tempfile.gettempdir() + "/", str(Path.home()), str(Path.cwd())]
     for path in firmware.project.rglob("*"):
         if path.is_file():
-            assert str(firmware.project) not in path.read_text(errors="ignore"), path
-    assert not list(firmware.project.rglob("*.so"))
-    assert (firmware.project / "build_prj.tcl").is_file() and (firmware.project / "firmware" / "weights").is_dir()
+            text = path.read_text(errors="ignore")
+            assert not [prefix for prefix in machine if prefix in text], path
+    assert not list(firmware.project.rglob("*.so")) and not list(firmware.project.rglob("*.o"))
+    for needed in ("build_prj.tcl", "firmware/weights", "firmware/ap_types/ap_fixed.h", "precision.json"):
+        assert (firmware.project / needed).exists(), needed
+    moved = tmp_path / "elsewhere" / "firmware"
+    shutil.copytree(firmware.project, moved)
+    built = CSimModel.build(moved, tmp_path / "fresh-cache", 64, 10)  # compiled again, from the new place
+    assert np.array_equal(built.predict(digits.x_test[:50]), FirmwareReference(moved).predict(digits.x_test[:50]))
 
 
 def test_emulator_is_bit_accurate(simulation: CSimModel, firmware, digits) -> None:  # type: ignore[no-untyped-def]
@@ -117,18 +198,58 @@ def test_emulator_agrees_with_onnxruntime(simulation: CSimModel, dense_mlp: Path
     assert agreement >= 0.97
 
 
+def test_two_firmwares_in_one_process_keep_their_own_weights(simulation: CSimModel, firmware, strict,  # type: ignore[no-untyped-def]
+                                                            digits, tmp_path: Path) -> None:
+    """Both libraries export the same symbols (myproject, w13, ...): each must still run its own."""
+    other = CSimModel.build(strict.project, tmp_path / "cache", 64, 10)
+    x = digits.x_test[:100]
+    expected = {id(simulation): FirmwareReference(firmware.project).predict(x),
+                id(other): FirmwareReference(strict.project).predict(x)}
+    assert not np.array_equal(expected[id(simulation)], expected[id(other)])
+    for model in (other, simulation, other, simulation):
+        assert np.array_equal(model.predict(x), expected[id(model)])
+
+
+def test_concurrent_calls_give_the_sequential_answers(simulation: CSimModel, digits) -> None:
+    x = digits.x_test[:200]
+    expected = simulation.predict(x)
+    answers: list[np.ndarray] = [np.empty(0)] * 4
+    threads = [threading.Thread(target=lambda i=i: answers.__setitem__(i, simulation.predict(x))) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(np.array_equal(answer, expected) for answer in answers)
+
+
+def test_a_broken_firmware_or_no_compiler_is_a_bundle_error(firmware, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(firmware.project, broken)
+    source = broken / "firmware" / "myproject.cpp"
+    source.write_text("#error edgedeploy-test-broken-firmware\n" + source.read_text())
+    with pytest.raises(BundleError, match="edgedeploy-test-broken-firmware"):
+        CSimModel.build(broken, tmp_path / "cache", 64, 10)
+    assert not list((tmp_path / "cache").iterdir())  # nothing half-built is left to be reused
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    with pytest.raises(BundleError, match="needs a C\\+\\+ compiler"):
+        CSimModel.build(firmware.project, tmp_path / "other-cache", 64, 10)
+
+
 def test_simulation_is_cached_by_firmware_digest(firmware, simulation: CSimModel) -> None:  # type: ignore[no-untyped-def]
+    started = time.perf_counter()
     again = CSimModel.build(firmware.project, simulation.library.parent.parent, 64, 10)
+    assert time.perf_counter() - started < 1.0  # a compile takes seconds
     assert again.library == simulation.library
     assert again.library.stat().st_mtime == simulation.library.stat().st_mtime
 
 
-def test_cnn_firmware_is_bit_accurate_and_agrees(digits_cnn: Path, digits, tmp_path: Path) -> None:
+def test_cnn_firmware_is_bit_accurate_and_agrees(digits_cnn: Path, digits, fpga_cache: Path, tmp_path: Path) -> None:
     """Conv > ReLU > MaxPool > Dense: channels-last firmware, equal to the integer reference bit for bit."""
     build = compile_hls(digits_cnn, digits.x_train[:300].reshape(-1, 1, 8, 8), tmp_path / "cnn", part=PART)
     assert build.channels_last and build.agreement >= 0.99
     x = firmware_layout(digits.x_test.reshape(-1, 1, 8, 8))
-    emulated = CSimModel.build(build.project, tmp_path / "cache", 64, 10).predict(x)
+    emulated = CSimModel.build(build.project, fpga_cache, 64, 10).predict(x)  # built when compile_hls confirmed
     assert np.array_equal(emulated, FirmwareReference(build.project).predict(x))
     fp32 = ort.InferenceSession(str(digits_cnn)).run(None, {"input": digits.x_test.reshape(-1, 1, 8, 8)})[0]
     assert (emulated.argmax(1) == fp32.argmax(1)).mean() >= 0.95

@@ -18,7 +18,7 @@ import numpy as np
 
 from packager.errors import PackagingError
 
-__all__ = ["FixedType", "FirmwareReference", "parse_fixed", "to_fixed"]
+__all__ = ["FixedType", "FirmwareReference", "parse_fixed", "to_fixed", "to_fixed_as_written"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,16 @@ def to_fixed(values: np.ndarray, kind: FixedType) -> np.ndarray:
     """Floats converted to ``kind`` (AP_TRN, AP_WRAP) as int64 integers scaled by 2**-fraction."""
     scaled = np.floor(np.asarray(values, dtype=np.float64) * 2.0 ** kind.fraction).astype(np.int64)
     return _wrap(scaled, kind)
+
+
+def to_fixed_as_written(values: np.ndarray, kind: FixedType) -> np.ndarray:
+    """Weights as the firmware holds them: hls4ml writes each value with ``kind.fraction`` decimals
+    (correctly rounded, so ``-1e-9`` becomes ``-0.000``) and the C simulation reads the text back with
+    AP_TRN and AP_WRAP. That differs from :func:`to_fixed` of the float for values just below a grid point."""
+    decimals = max(0, kind.fraction)
+    array = np.asarray(values, dtype=np.float64)
+    written = np.array([float(f"{value:.{decimals}f}") for value in array.ravel()]).reshape(array.shape)
+    return to_fixed(written, kind)
 
 
 _CALL = re.compile(r"nnet::(\w+)<([^;]*?)>\(([^;]*)\);")

@@ -4,9 +4,10 @@
 2. The search picks, per layer, the narrowest ``ap_fixed`` type that keeps at least
    ``target_agreement`` top-1 agreement with fp32 (or a max absolute error) on the calibration set:
    first for the inputs, then each layer's weights, then each hidden activation, the others held
-   where they are. Candidates are scored with an exact integer model of the firmware (products and
-   sums exact, as hls4ml's inferred accumulators are; inputs, weights and activations truncated and
-   wrapped to the candidate types), so no C++ is compiled per candidate.
+   where they are. Candidates are scored with an exact model of the firmware (products and sums
+   exact, as hls4ml's inferred accumulators are; inputs and activations truncated and wrapped to the
+   candidate types; weights as hls4ml writes them, rounded to the type's decimals, then truncated), so
+   no C++ is compiled per candidate.
 3. hls4ml (Vitis backend, ``io_parallel``, latency strategy) writes the firmware project with those
    types; :class:`~packager.fpga.fixed.FirmwareReference` reads the written project back and its
    agreement with fp32 is reported, so the numbers are those of the firmware, not of the search.
@@ -36,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from packager.errors import PackagingError
-from packager.fpga.fixed import FirmwareReference, FixedType, to_fixed
+from packager.fpga.fixed import FirmwareReference, FixedType, to_fixed, to_fixed_as_written
 from packager.fpga.lower import Conv2D, Dense, Flatten, Layer, MaxPool2D, Relu, Softmax, lower_onnx
 from packager.home import edgedeploy_home
 
@@ -150,8 +151,10 @@ def _max_pool_nchw(x: np.ndarray, layer: MaxPool2D) -> np.ndarray:
 def _forward(body: Sequence[Layer], x: np.ndarray,
              precision: HlsPrecision | None) -> tuple[np.ndarray, list[np.ndarray]]:
     """Logits and the ReLU outputs; with ``precision``, inputs, weights and activations take its types."""
-    def q(values: np.ndarray, kind: FixedType | None) -> np.ndarray:
-        return values if kind is None else to_fixed(values, kind) / 2.0 ** kind.fraction
+    def q(values: np.ndarray, kind: FixedType | None, written: bool = False) -> np.ndarray:
+        if kind is None:
+            return values
+        return (to_fixed_as_written(values, kind) if written else to_fixed(values, kind)) / 2.0 ** kind.fraction
 
     values = q(np.asarray(x, dtype=np.float64), precision.input if precision else None)
     hidden: list[np.ndarray] = []
@@ -160,7 +163,8 @@ def _forward(body: Sequence[Layer], x: np.ndarray,
         if isinstance(layer, Dense | Conv2D):
             kind = precision.weights[weighted] if precision else None
             weighted += 1
-            weight, bias = q(layer.weight.astype(np.float64), kind), q(layer.bias.astype(np.float64), kind)
+            # weights reach the firmware through hls4ml's text files, rounded to the type's decimals
+            weight, bias = q(layer.weight, kind, written=True), q(layer.bias, kind, written=True)
             values = values @ weight + bias if isinstance(layer, Dense) else _conv_nchw(values, layer, weight, bias)
         elif isinstance(layer, Relu):
             values = np.maximum(values, 0)
@@ -355,7 +359,7 @@ def _estimate(body: list[Layer], precision: HlsPrecision, input_shape: tuple[int
     for layer in body:
         if isinstance(layer, Dense | Conv2D):
             kind = next(kinds)
-            nonzero = int(np.count_nonzero(to_fixed(layer.weight, kind)))
+            nonzero = int(np.count_nonzero(to_fixed_as_written(layer.weight, kind)))
             positions = 1
             if isinstance(layer, Conv2D):
                 top, left, bottom, right = layer.pads
@@ -476,6 +480,9 @@ def compile_hls(model: Path, calibration: np.ndarray, out_dir: Path, *, part: st
     _check_written(precision, written)
     firmware = written.predict(firmware_layout(x))
     agreement, error = _score(firmware, reference)
+    if not (error <= max_error if max_error is not None else agreement >= target_agreement):
+        raise PackagingError(f"the written firmware misses the goal the search met ({agreement:.1%} top-1 "
+                             f"agreement, max error {error:.3g}): hls4ml chose other accumulator or result types")
     cache = Path(csim_cache) if csim_cache is not None else _default_csim_cache()
     confirmed = confirm and _confirm_on_csim(out_dir, firmware_layout(x), firmware, cache)
     last = weighted[-1]
