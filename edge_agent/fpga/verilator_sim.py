@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from packager.errors import BundleError
+from packager.errors import BundleError, InvalidInputError
 
 __all__ = ["VerilatorModel", "rtl_digest"]
 
@@ -44,6 +44,7 @@ static void tick() {
 }
 
 extern "C" int edgedeploy_open() {
+    if (top != nullptr) return 0;  // ctypes shares one handle per library: one design per process
     context = new VerilatedContext;
     top = new Vedgedeploy_mlp{context};
     top->rst = 1; tick(); tick(); top->rst = 0; tick();
@@ -70,9 +71,9 @@ extern "C" int edgedeploy_infer(const int8_t* in, int n_in, int32_t* out, int n_
 """
 
 
-def rtl_digest(rtl: Path) -> str:
-    """sha256 over the RTL folder's files (sorted relative paths and bytes)."""
-    digest = hashlib.sha256()
+def rtl_digest(rtl: Path, salt: bytes = b"") -> str:
+    """sha256 over ``salt`` and the RTL folder's files (sorted relative paths and bytes)."""
+    digest = hashlib.sha256(salt)
     for path in sorted(p for p in Path(rtl).rglob("*") if p.is_file()):
         digest.update(path.relative_to(rtl).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
@@ -96,7 +97,8 @@ class VerilatorModel:
         if not (rtl / "edgedeploy_mlp.v").is_file() or not design_file.is_file():
             raise BundleError("the bundle's RTL folder has no edgedeploy_mlp.v or design.json")
         design = json.loads(design_file.read_text())
-        home = Path(cache_dir) / rtl_digest(rtl)[:24]
+        # the harness and the verilator release shape the library as much as the Verilog does
+        home = Path(cache_dir) / rtl_digest(rtl, _HARNESS.encode() + _verilator_version().encode())[:24]
         library = home / "design.so"
         if not library.exists():
             _compile(rtl, home)
@@ -104,7 +106,11 @@ class VerilatorModel:
 
     def predict_int8(self, x_int8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(int32 outputs [N, outputs], cycles per inference [N]) for int8 inputs [N, inputs]."""
-        batch = np.ascontiguousarray(np.asarray(x_int8, dtype=np.int8).reshape(-1, self.inputs))
+        given = np.asarray(x_int8)
+        if given.ndim != 2 or given.shape[1] != self.inputs or given.dtype != np.int8:
+            raise InvalidInputError(f"the design takes int8 inputs [N, {self.inputs}], not {given.dtype} "
+                                    f"{list(given.shape)}")
+        batch = np.ascontiguousarray(given)
         out = np.zeros((len(batch), self.outputs), dtype=np.int32)
         cycles = np.zeros(len(batch), dtype=np.uint64)
         with self._lock:
@@ -116,6 +122,14 @@ class VerilatorModel:
                 if code != 0:
                     raise BundleError("the simulated design never finished an inference")
         return out, cycles
+
+
+def _verilator_version() -> str:
+    """``verilator --version`` (empty when verilator is missing: :func:`_compile` says so)."""
+    verilator = shutil.which("verilator")
+    if verilator is None:
+        return ""
+    return subprocess.run([verilator, "--version"], capture_output=True, text=True, check=False).stdout.strip()
 
 
 def _compile(rtl: Path, home: Path) -> None:

@@ -246,7 +246,10 @@ endmodule
 def run_testbench(verilog_dir: Path, qmodel: QuantizedMLP, x_int8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Simulate the core with iverilog on ``x_int8`` [N, inputs]: (int32 outputs [N, outputs], cycles [N])."""
     iverilog, vvp = _require("iverilog", "iverilog"), _require("vvp", "iverilog")
-    samples = np.asarray(x_int8, dtype=np.int8).reshape(-1, qmodel.inputs)
+    samples = np.asarray(x_int8)
+    if samples.ndim != 2 or samples.shape[1] != qmodel.inputs or samples.dtype != np.int8:
+        raise PackagingError(f"the test bench takes int8 inputs [N, {qmodel.inputs}], not {samples.dtype} "
+                             f"{list(samples.shape)}")
     with tempfile.TemporaryDirectory(prefix="edgedeploy-tb-") as tmp:
         work = Path(tmp)
         for path in Path(verilog_dir).iterdir():
@@ -297,7 +300,8 @@ def build_bitstream(verilog_dir: Path, out_dir: Path, device: str = "up5k", pack
                  verilog_dir, "yosys synth_ice40")
     pnr = _run([nextpnr, f"--{device}", "--package", package, "--json", str(netlist), "--pcf",
                 str(verilog_dir / "icebreaker.pcf"), "--asc", str(asc), "--freq", "12", "--seed", str(seed),
-                "--report", str(report)], verilog_dir, "nextpnr-ice40 (place and route)")
+                "--report", str(report)], verilog_dir,
+               f"nextpnr-ice40 (place and route on the {device} {package}; a design too large for it fails here)")
     _run([icepack, str(asc), str(bitstream)], verilog_dir, "icepack")
     data = json.loads(report.read_text())
     used = {kind: int(entry["used"]) for kind, entry in data.get("utilization", {}).items()}
@@ -305,10 +309,21 @@ def build_bitstream(verilog_dir: Path, out_dir: Path, device: str = "up5k", pack
                  "DSP": used.get("ICESTORM_DSP", 0), "IO": used.get("SB_IO", 0),
                  "available": {"LUT4": _UP5K["ICESTORM_LC"], "BRAM_4K": _UP5K["ICESTORM_RAM"],
                                "DSP": _UP5K["ICESTORM_DSP"]}}
+    _check_fits(resources, device)
     fmax = min((float(v["achieved"]) for v in data.get("fmax", {}).values()), default=0.0)
     return Bitstream(bitstream, hashlib.sha256(bitstream.read_bytes()).hexdigest(), resources, fmax,
                      f"{_version(yosys)}; {_version(nextpnr)}; icepack (fpga-icestorm)",
                      {"yosys": synth[-2000:], "nextpnr": pnr[-4000:]})
+
+
+def _check_fits(resources: dict[str, Any], device: str) -> None:
+    """Refuse a placement that uses more than the part has (the report counts are nextpnr's own)."""
+    if device != "up5k":
+        return
+    over = [f"{kind} {resources[kind]}/{available}" for kind, available in resources["available"].items()
+            if resources[kind] > available]
+    if over:
+        raise PackagingError(f"the design does not fit the iCE40 UP5K: {', '.join(over)}")
 
 
 def _top(qmodel: QuantizedMLP) -> str:
