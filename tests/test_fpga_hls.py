@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -193,9 +195,12 @@ def firmware_output_fraction(firmware) -> int:  # type: ignore[no-untyped-def]
 
 
 def test_emulator_agrees_with_onnxruntime(simulation: CSimModel, dense_mlp: Path, digits) -> None:
-    fp32 = ort.InferenceSession(str(dense_mlp)).run(None, {"input": digits.x_test})[0]
-    agreement = (simulation.predict(digits.x_test).argmax(1) == fp32.argmax(1)).mean()
-    assert agreement >= 0.97
+    """>= 99% top-1 on the calibration set the search met it on (onnxruntime, not our float model);
+    held-out digits lose a little, since the search narrows each type down to the goal."""
+    session = ort.InferenceSession(str(dense_mlp))
+    for x, goal in ((digits.x_train[:500], 0.99), (digits.x_test, 0.97)):
+        fp32 = session.run(None, {"input": x})[0]
+        assert (simulation.predict(x).argmax(1) == fp32.argmax(1)).mean() >= goal
 
 
 def test_two_firmwares_in_one_process_keep_their_own_weights(simulation: CSimModel, firmware, strict,  # type: ignore[no-untyped-def]
@@ -234,6 +239,11 @@ def test_a_broken_firmware_or_no_compiler_is_a_bundle_error(firmware, tmp_path: 
     monkeypatch.setenv("CXX", "/nonexistent/g++")
     with pytest.raises(BundleError, match="needs a C\\+\\+ compiler"):
         CSimModel.build(firmware.project, tmp_path / "other-cache", 64, 10)
+
+
+def test_the_emulator_does_not_need_hls4ml() -> None:
+    code = "import sys, edge_agent.fpga.csim; assert not [m for m in sys.modules if m.startswith(('hls4ml', 'qonnx'))]"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
 def test_simulation_is_cached_by_firmware_digest(firmware, simulation: CSimModel) -> None:  # type: ignore[no-untyped-def]

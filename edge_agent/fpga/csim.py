@@ -76,7 +76,9 @@ class CSimModel:
         return cls(library, inputs, outputs)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Outputs [N, outputs] (float64, exact) for inputs [N, inputs]."""
+        """Outputs [N, outputs] for float inputs [N, inputs] (any shape that flattens to it), through the
+        bridge's ``myproject_double``: float64, because the result type can be wider than float32's 24 bits
+        and every fixed-point value is exact in a double. Safe to call from several threads."""
         batch = np.ascontiguousarray(np.asarray(x, dtype=np.float64).reshape(len(x), -1))
         if batch.shape[1] != self.inputs:
             raise ValueError(f"the firmware takes {self.inputs} values per sample, not {batch.shape[1]}")
