@@ -137,6 +137,25 @@ def test_iverilog_matches_the_integer_reference_exactly(rtl: Path, qmodel: Quant
     assert set(cycles.tolist()) == {qmodel.cycles}
 
 
+def test_three_layers_with_saturation_and_negative_inputs_match_exactly(tmp_path: Path) -> None:
+    """A 5 -> 4 -> 3 -> 2 chain driven past its calibrated range: every clamp and rounding path in Verilog."""
+    rng = np.random.default_rng(7)
+    layers = [(rng.normal(size=(5, 4)).astype(np.float32), rng.normal(size=4).astype(np.float32), True),
+              (rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=3).astype(np.float32), True),
+              (rng.normal(size=(3, 2)).astype(np.float32), rng.normal(size=2).astype(np.float32), False)]
+    # calibrated on one input at a time: test rows that drive all five at once overflow the hidden ranges
+    small = quantize_layers(layers, np.vstack([np.eye(5), -np.eye(5)]).astype(np.float32))
+    x = rng.integers(-128, 128, size=(40, 5)).astype(np.int8)
+    x[0], x[1] = -128, 127
+    hidden = requantize_int(x.astype(np.int64) @ small.layers[0].weight + small.layers[0].bias,
+                            small.layers[0].multiplier, small.layers[0].shift, relu=True)
+    assert (hidden == 127).any() and (hidden == 0).any()  # both clamps are exercised
+    generate_verilog(small, tmp_path / "rtl")
+    outputs, cycles = run_testbench(tmp_path / "rtl", small, x)
+    assert np.array_equal(outputs, reference(small, x))
+    assert set(cycles.tolist()) == {small.cycles} == {4 * 8 + 3 * 7 + 2 * 6 + 1}
+
+
 def test_verilator_model_matches_on_every_held_out_digit(rtl: Path, qmodel: QuantizedMLP, digits: DigitsData,
                                                          verilator_model: VerilatorModel,
                                                          verilator_cache: Path) -> None:
