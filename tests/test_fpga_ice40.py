@@ -17,7 +17,7 @@ from sklearn.neural_network import MLPClassifier
 from edge_agent.fpga.loaders import decode_frame, encode_frame
 from edge_agent.fpga.verilator_sim import VerilatorModel
 from packager.bundle import open_bundle
-from packager.errors import InvalidInputError, PackagingError
+from packager.errors import BundleError, InvalidInputError, PackagingError
 from packager.examples import DigitsData, build_digits_dense_mlp
 from packager.fpga.ice40 import Bitstream, build_bitstream, generate_verilog, run_testbench, write_hex
 from packager.fpga.int8 import QuantizedMLP, _multiplier, quantize_layers, quantize_mlp, reference, requantize_int
@@ -174,7 +174,7 @@ def test_verilator_model_matches_on_every_held_out_digit(rtl: Path, qmodel: Quan
 
 def test_bitstream_is_a_real_ice40_image_that_fits_the_up5k(bitstream: Bitstream) -> None:
     data = bitstream.path.read_bytes()
-    assert b"\x7e\xaa\x99\x7e" in data[:64]  # the iCE40 configuration sync word
+    assert data[:8] == bytes.fromhex("ff0000ff7eaa997e")  # icepack's preamble: padding, then the iCE40 sync word
     assert 50_000 < len(data) < 200_000
     assert bitstream.sha256 == hashlib.sha256(data).hexdigest()
     resources = bitstream.resources
@@ -183,6 +183,17 @@ def test_bitstream_is_a_real_ice40_image_that_fits_the_up5k(bitstream: Bitstream
     assert resources["BRAM_4K"] >= 5  # 2,368 weight bytes and the biases live in block RAM
     assert bitstream.fmax_mhz >= 12.0  # the board clock
     assert "Yosys" in bitstream.toolchain and "nextpnr" in bitstream.toolchain
+
+
+def test_missing_tools_are_named_with_their_apt_package(rtl: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(PackagingError, match="apt-get install yosys"):
+        build_bitstream(rtl, tmp_path / "out")
+    with pytest.raises(BundleError, match="apt-get install verilator"):
+        VerilatorModel.build(rtl, tmp_path / "cache")
+    with pytest.raises(BundleError, match="no edgedeploy_mlp.v"):
+        VerilatorModel.build(tmp_path, tmp_path / "cache")
 
 
 _UART_TB = """`timescale 1ns/1ps

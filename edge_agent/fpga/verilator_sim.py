@@ -152,8 +152,12 @@ def _compile(rtl: Path, home: Path) -> None:
     _run([compiler, "-shared", "-fPIC", "-O2", "-std=c++17", "-Iobj", f"-I{include}", f"-I{include / 'vltstd'}",
           "harness.cpp", "obj/Vedgedeploy_mlp__ALL.a", str(include / "verilated.cpp"),
           str(include / "verilated_threads.cpp"), "-pthread", "-o", "design.so"], partial)
-    shutil.rmtree(home, ignore_errors=True)
-    partial.replace(home)
+    try:
+        partial.replace(home)
+    except OSError:  # another process finished the same digest first: its library is as good as ours
+        shutil.rmtree(partial, ignore_errors=True)
+        if not (home / "design.so").is_file():
+            raise BundleError(f"could not move the verilator model into its cache folder {home}") from None
     log.info("verilated %s into %s", rtl, home)
 
 
