@@ -48,12 +48,12 @@ def _hls_rows(model: Path, folder: Path, data: Any, name: str, shape: tuple[int,
                                   ("uniform 12", (12,), 0.0), ("uniform 8", (8,), 0.0), ("uniform 6", (6,), 0.0)]:
         kwargs = {"widths": widths} if widths else {}
         build = compile_hls(model, x_train, folder / f"{name}-{label.replace(' ', '_')}", part=PART,
-                            target_agreement=target, **kwargs)
+                            target_agreement=target, csim_cache=folder / "cache", **kwargs)
         simulation = CSimModel.build(build.project, folder / "cache", build.inputs, build.outputs)
         logits = simulation.predict(firmware_x)
         rows.append({
             "model": name, "precision": label,
-            "types": f"in {build.precision.input}, w {build.precision.weights[0]}, "
+            "types": f"in {build.precision.input}, w {','.join(str(w) for w in build.precision.weights)}, "
                      f"act {','.join(str(a) for a in build.precision.activations)}",
             "agreement_fp32": float((logits.argmax(1) == fp32.argmax(1)).mean()),
             "accuracy": float((logits.argmax(1) == data.y_test).mean()),
