@@ -6,7 +6,6 @@ The finished file is renamed to ``<sha>.edb`` only after its sha256 matches the 
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import logging
 import os
@@ -14,6 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from packager.bundle import bundle_sha256
 from packager.errors import DeploymentError, IntegrityError, ValidationError
 
 __all__ = ["CHUNK_BYTES", "download_bundle"]
@@ -21,14 +21,6 @@ __all__ = ["CHUNK_BYTES", "download_bundle"]
 log = logging.getLogger(__name__)
 CHUNK_BYTES = 1024 * 1024
 _SHA = set("0123456789abcdef")
-
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_order(url: str, sha256: str) -> None:
@@ -80,14 +72,14 @@ def download_bundle(url: str, sha256: str, folder: Path, max_bytes: int = 2 * 10
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{sha256}.edb"
-    if final.is_file() and _sha256_of(final) == sha256:
+    if final.is_file() and bundle_sha256(final) == sha256:
         return final
     part = folder / f"{sha256}.part"
     try:
         _fetch(url, part, max_bytes, timeout)
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
         raise DeploymentError(f"download of {url} failed: {exc}; it resumes on the next try") from None
-    actual = _sha256_of(part)
+    actual = bundle_sha256(part)
     if actual != sha256:
         part.unlink(missing_ok=True)  # a wrong file cannot be resumed into a right one
         raise IntegrityError(f"bundle from {url} has sha256 {actual}, the order says {sha256}; refused")

@@ -48,6 +48,7 @@ __all__ = [
     "load_extracted",
     "open_bundle",
     "read_manifest",
+    "tree_sha256",
     "verify_bundle",
     "write_bundle",
 ]
@@ -208,6 +209,20 @@ def _sha256_file(path: Path) -> tuple[str, int]:
             digest.update(chunk)
             size += len(chunk)
     return digest.hexdigest(), size
+
+
+def tree_sha256(path: Path) -> str:
+    """sha256 of a file, or of a folder: every file's relative path and own sha256, in sorted order.
+
+    The identity of a folder model, and of the firmware and RTL an FPGA bundle carries.
+    """
+    path = Path(path)
+    if path.is_file():
+        return _sha256_file(path)[0]
+    digest = hashlib.sha256()
+    for item in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{item.relative_to(path).as_posix()}\0{_sha256_file(item)[0]}\n".encode())
+    return digest.hexdigest()
 
 
 def bundle_sha256(path: Path) -> str:

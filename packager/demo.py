@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from packager.targets.base import free_port
+from packager.targets.base import free_port, wait_port
 
 __all__ = ["main"]
 
@@ -37,15 +36,6 @@ AGENTS = ("pi-kitchen-01", "pi-hall-02", "jetson-lab-03")
 def _step(text: str) -> None:
     print(f"\n=== {text}", flush=True)
 
-
-
-def _wait_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
 
 
 class _Processes:
@@ -89,7 +79,7 @@ def _start_broker(procs: _Processes, work: Path) -> str:
                         "plugins:\n  amqtt.plugins.authentication.AnonymousAuthPlugin:\n    allow_anonymous: true\n")
         procs.start([sys.executable, "-m", "amqtt.scripts.broker_script", "-c", str(conf)], work / "amqtt.log")
         kind = "amqtt (embedded Python broker; Mosquitto is not installed)"
-    _wait_port(port)
+    wait_port(port, timeout=20.0)
     print(f"{kind} on 127.0.0.1:{port}")
     return f"mqtt://127.0.0.1:{port}"
 
@@ -240,7 +230,7 @@ def _fleet_steps(work: Path, bundle: Path, data: Any, procs: _Processes) -> None
     _step("6. start the bundle server")
     server_port = free_port()
     procs.start([sys.executable, "-m", "packager.cli.main", "serve", "--port", str(server_port)], work / "serve.log")
-    _wait_port(server_port)
+    wait_port(server_port, timeout=20.0)
     server_url = f"http://127.0.0.1:{server_port}"
     print(f"bundle server on {server_url}")
 

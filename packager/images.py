@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from packager.bundle import bundle_sha256
 from packager.errors import DeploymentError
 
 __all__ = [
@@ -64,14 +65,6 @@ def cache_dir() -> Path:
     path = Path.home() / ".cache" / "edgedeploy"
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def image_tag(name: str, bundle_sha256: str) -> str:
@@ -166,7 +159,7 @@ def write_context(bundle: Path, name: str, base: str, context: Path) -> str:
     bundle = Path(bundle)
     if not bundle.is_file():
         raise DeploymentError(f"bundle {bundle} does not exist")
-    sha = _sha256(bundle)
+    sha = bundle_sha256(bundle)
     shutil.copytree(_wheelhouse(), context / "wheelhouse")
     _project_wheel(context / "app")
     (context / "bundle").mkdir(parents=True)

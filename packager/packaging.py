@@ -7,7 +7,6 @@ A model that is not ONNX (a pickled estimator, a folder) is carried as is for an
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from collections.abc import Callable, Iterator
@@ -18,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from packager.bundle import BundleManifest, PayloadSource, canonical_json, write_bundle
+from packager.bundle import BundleManifest, PayloadSource, canonical_json, tree_sha256, write_bundle
 from packager.errors import AccuracyError, NotFoundError, UsageError, ValidationError
 from packager.evaluate import Predictor, accuracy_points, agreement_points, batch1_latency_ms
 from packager.keys import load_signing_key
@@ -56,21 +55,12 @@ class PackageResult:
     report: dict[str, Any]
 
 
-def _tree_sha256(path: Path) -> str:
-    if path.is_file():
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    digest = hashlib.sha256()
-    for item in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(f"{item.relative_to(path).as_posix()}\0{_tree_sha256(item)}\n".encode())
-    return digest.hexdigest()
-
-
 def resolve_model(model: str | Path, name: str | None = None) -> ResolvedModel:
     """A path on disk, or a registered ``NAME[:VERSION]`` (latest when no version)."""
     candidate = Path(model)
     if candidate.exists():
         framework = "onnx" if candidate.suffix == ".onnx" else None
-        info: dict[str, Any] = {"name": name or candidate.stem, "version": None, "sha256": _tree_sha256(candidate),
+        info: dict[str, Any] = {"name": name or candidate.stem, "version": None, "sha256": tree_sha256(candidate),
                 "framework": framework, "description": ""}
         return ResolvedModel(candidate, info)
     if "/" in str(model) or candidate.suffix in (".onnx", ".pkl", ".joblib", ".pt"):

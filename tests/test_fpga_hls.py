@@ -334,7 +334,7 @@ def test_cnn_bundle_serves_nchw_requests(digits_cnn: Path, digits, signing_key, 
 
 
 def test_the_same_model_gives_the_same_firmware_bytes(dense_mlp: Path, digits, firmware, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from packager.fpga.stage import tree_digest
+    from packager.bundle import tree_sha256
 
     again = compile_hls(dense_mlp, digits.x_train[:500], tmp_path / "again", part=PART)
-    assert tree_digest(again.project) == tree_digest(firmware.project)
+    assert tree_sha256(again.project) == tree_sha256(firmware.project)

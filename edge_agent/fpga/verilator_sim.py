@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from packager.bundle import tree_sha256
 from packager.errors import BundleError, InvalidInputError
 
 __all__ = ["VerilatorModel", "rtl_digest"]
@@ -72,11 +73,8 @@ extern "C" int edgedeploy_infer(const int8_t* in, int n_in, int32_t* out, int n_
 
 
 def rtl_digest(rtl: Path, salt: bytes = b"") -> str:
-    """sha256 over ``salt`` and the RTL folder's files (sorted relative paths and bytes)."""
-    digest = hashlib.sha256(salt)
-    for path in sorted(p for p in Path(rtl).rglob("*") if p.is_file()):
-        digest.update(path.relative_to(rtl).as_posix().encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
+    """sha256 over ``salt`` and the RTL folder's tree digest (what a cached library was built from)."""
+    return hashlib.sha256(salt + tree_sha256(rtl).encode()).hexdigest()
 
 
 class VerilatorModel:

@@ -9,17 +9,17 @@ digest of the artifact, so neither the model nor the hardware image can be swapp
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from packager.bundle import tree_sha256
 from packager.errors import PackagingError, UsageError
 from packager.profiles import DeviceProfile
 
-__all__ = ["FPGA_BACKENDS", "AcceleratorStage", "compile_for_profile", "tree_digest"]
+__all__ = ["FPGA_BACKENDS", "AcceleratorStage", "compile_for_profile"]
 
 FPGA_BACKENDS = ("hls4ml", "ice40")
 
@@ -32,14 +32,6 @@ class AcceleratorStage:
     runtime: dict[str, Any] = field(default_factory=dict)
     accelerator: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
-
-
-def tree_digest(root: Path) -> str:
-    """sha256 over the sorted relative paths and bytes of every file under ``root``."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
 
 
 def _board(profile: DeviceProfile) -> dict[str, Any]:
@@ -87,7 +79,7 @@ def _hls(model: Path, profile: DeviceProfile, calibration: np.ndarray, scratch: 
     report["accuracy_fixed"] = _accuracy(lambda x: reference.predict(firmware_layout(x)), labels)
     report["accuracy_fp32"] = _accuracy(lambda x: float_forward(build.layers, x)[0], labels)
     accelerator = {**board, "backend": "hls4ml", "firmware": "accelerator/firmware",
-                   "firmware_sha256": tree_digest(build.project), "precision": report["precision"]}
+                   "firmware_sha256": tree_sha256(build.project), "precision": report["precision"]}
     runtime = {"backend": "hls4ml", "model_path": "model/model.onnx", "precision": "fixed",
                "firmware": "accelerator/firmware", "host_softmax": build.host_softmax,
                "layout": "channels_last" if build.channels_last else "flat",
@@ -116,7 +108,7 @@ def _ice40(model: Path, profile: DeviceProfile, calibration: np.ndarray, scratch
     payload = _files(rtl, "accelerator/rtl")
     payload["accelerator/ice40.bin"] = bitstream.path
     accelerator = {**board, "backend": "ice40", "rtl": "accelerator/rtl", "bitstream": "accelerator/ice40.bin",
-                   "bitstream_sha256": bitstream.sha256, "rtl_sha256": tree_digest(rtl),
+                   "bitstream_sha256": bitstream.sha256, "rtl_sha256": tree_sha256(rtl),
                    "resources": bitstream.resources, "fmax_mhz": bitstream.fmax_mhz}
     runtime = {"backend": "ice40", "model_path": "model/model.onnx", "precision": "int8", "rtl": "accelerator/rtl",
                "bitstream": "accelerator/ice40.bin", "host_softmax": qmodel.host_softmax,

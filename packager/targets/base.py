@@ -7,15 +7,18 @@ is one new module with one class that has these five methods; the CLI and the Py
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from packager.errors import UsageError
 
-__all__ = ["DeployTarget", "DeploymentSpec", "Service", "ServiceState", "check_service_name", "free_port"]
+__all__ = ["DeployTarget", "DeploymentSpec", "Service", "ServiceState", "check_service_name", "free_port",
+           "wait_port"]
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
@@ -25,6 +28,16 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
+    """Block until something accepts TCP connections on ``host:port``; TimeoutError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
 
 
 class ServiceState:
