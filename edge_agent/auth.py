@@ -12,7 +12,7 @@ import secrets
 import threading
 from pathlib import Path
 
-from packager.errors import AuthError, ValidationError
+from edge_agent.errors import AuthError, ValidationError
 
 __all__ = ["AuthKeys", "generate_keys"]
 

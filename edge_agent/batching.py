@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from packager.errors import ModelNotReadyError
+from edge_agent.errors import ModelNotReadyError
 
 __all__ = ["BatchSettings", "DynamicBatcher"]
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from packager.atomic import atomic_write_json
-from packager.errors import EdgeDeployError, NotFoundError, UsageError
+from edge_agent.atomic import atomic_write_json
+from edge_agent.errors import EdgeDeployError, NotFoundError, UsageError
 
 __all__ = ["ServeConfig", "build_parser", "main", "serve"]
 
@@ -136,7 +136,7 @@ def _write_state(config: ServeConfig, **fields: Any) -> None:
 
 
 def _trust(config: ServeConfig) -> Any:
-    from packager.keys import TrustStore
+    from edge_agent.trust import TrustStore
 
     return TrustStore.from_files(config.trusted_keys) if config.trusted_keys else TrustStore.local()
 
@@ -255,7 +255,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``edge-agent``; returns the process exit code."""
-    from packager.cli.main import exit_code_of
+    from edge_agent.exit_codes import exit_code_of
 
     def body() -> int:
         args = build_parser().parse_args(argv)

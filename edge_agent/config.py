@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 import jsonschema
 import yaml
 
-from packager.errors import NotFoundError, ValidationError
-from packager.fleet_messages import DEFAULT_PREFIX, check_device_id
+from edge_agent.errors import NotFoundError, ValidationError
+from edge_agent.fleet_messages import DEFAULT_PREFIX, check_device_id
 
 __all__ = ["AGENT_CONFIG_SCHEMA", "AgentConfig", "load_agent_config", "parse_agent_config"]
 

@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from packager.bundle import BundleManifest, load_extracted, open_bundle, read_manifest
-from packager.errors import DeploymentError, EdgeDeployError, ValidationError
-from packager.keys import TrustStore
+from edge_agent.bundle import BundleManifest, load_extracted, open_bundle, read_manifest
+from edge_agent.errors import DeploymentError, EdgeDeployError, ValidationError
+from edge_agent.trust import TrustStore
 
 from .config import AgentConfig, load_agent_config
 from .dataplane import DataPlane
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 
 def _agent_version() -> str:
-    from packager import __version__
+    from edge_agent import __version__
 
     return __version__
 
@@ -246,7 +246,7 @@ class EdgeAgent:
 
     def _check_hardware(self, path: Path) -> None:
         """Refuse, before anything is unpacked, a bundle bound to an accelerator this device lacks."""
-        from packager.profiles import load_profile
+        from edge_agent.profiles import load_profile
 
         from .fpga.binding import check_binding
 

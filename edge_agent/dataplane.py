@@ -1,6 +1,6 @@
 """The data plane: the one in-process inference path that the gRPC and REST adapters both call.
 
-Nothing here knows about a transport. Errors are ``packager.errors`` types; each adapter maps them
+Nothing here knows about a transport. Errors are ``edge_agent.errors`` types; each adapter maps them
 to its own status in one place.
 """
 
@@ -13,11 +13,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from edge_agent.errors import InvalidInputError, NotFoundError, UsageError
 from edge_agent.inference import InferRequest, InferResponse, ModelState
 from edge_agent.metrics import MetricsRegistry
 from edge_agent.repository import ModelEntry, ModelRepository
 from edge_agent.runtime.base import validate_inputs
-from packager.errors import InvalidInputError, NotFoundError, UsageError
 
 __all__ = ["SERVER_NAME", "DataPlane"]
 
@@ -28,7 +28,7 @@ _INLINE_MAX_ROWS = 64
 
 
 def _server_version() -> str:
-    from packager import __version__
+    from edge_agent import __version__
 
     return __version__
 

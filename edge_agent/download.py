@@ -13,8 +13,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from packager.bundle import bundle_sha256
-from packager.errors import DeploymentError, IntegrityError, ValidationError
+from edge_agent.bundle import bundle_sha256
+from edge_agent.errors import DeploymentError, IntegrityError, ValidationError
 
 __all__ = ["CHUNK_BYTES", "download_bundle"]
 

@@ -23,8 +23,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from packager.errors import ValidationError
-from packager.fleet_messages import encode_message, parse_message, parse_topic, topic
+from edge_agent.errors import ValidationError
+from edge_agent.fleet_messages import encode_message, parse_message, parse_topic, topic
 
 from .config import AgentConfig
 

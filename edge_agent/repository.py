@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.batching import BatchSettings, DynamicBatcher
+from edge_agent.bundle import load_extracted, open_bundle
+from edge_agent.errors import ModelNotReadyError, NotFoundError
 from edge_agent.inference import ModelState
 from edge_agent.metrics import MetricsRegistry
 from edge_agent.runtime import LoadedModel, ModelInfo, load_model
-from packager.bundle import load_extracted, open_bundle
-from packager.errors import ModelNotReadyError, NotFoundError
-from packager.keys import TrustStore
+from edge_agent.trust import TrustStore
 
 __all__ = ["ModelEntry", "ModelRepository"]
 

@@ -18,10 +18,7 @@ from aiohttp import web
 
 from edge_agent.auth import AuthKeys
 from edge_agent.dataplane import DataPlane
-from edge_agent.grpc.converters import decode_bytes, encode_bytes
-from edge_agent.inference import InferRequest, InferResponse
-from edge_agent.metrics import LATENCY_BUCKETS_MS
-from packager.errors import (
+from edge_agent.errors import (
     AuthError,
     BundleError,
     EdgeDeployError,
@@ -33,8 +30,11 @@ from packager.errors import (
     UsageError,
     ValidationError,
 )
-from packager.openapi import score_openapi
-from packager.tensors import numpy_to_v2, v2_to_numpy
+from edge_agent.grpc.converters import decode_bytes, encode_bytes
+from edge_agent.inference import InferRequest, InferResponse
+from edge_agent.metrics import LATENCY_BUCKETS_MS
+from edge_agent.openapi import score_openapi
+from edge_agent.tensors import numpy_to_v2, v2_to_numpy
 
 __all__ = ["build_app"]
 

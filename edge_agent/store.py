@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from packager.atomic import atomic_write_json, read_json
-from packager.bundle import load_extracted
-from packager.errors import BundleError, DeploymentError
+from edge_agent.atomic import atomic_write_json, read_json
+from edge_agent.bundle import load_extracted
+from edge_agent.errors import BundleError, DeploymentError
 
 __all__ = ["IN_PROGRESS", "SLOTS", "TRANSITIONS", "BundleStore", "DeployState", "Event", "next_state"]
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import psutil
 
-from packager.atomic import atomic_write_json
+from edge_agent.atomic import atomic_write_json
 
 __all__ = ["TelemetryQueue", "sample"]
 

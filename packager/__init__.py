@@ -19,7 +19,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from packager.errors import (
+from edge_agent import __version__
+from edge_agent.errors import (
     AccuracyError,
     AlreadyExistsError,
     AuthError,
@@ -39,8 +40,6 @@ from packager.errors import (
     ValidationError,
 )
 
-__version__ = "0.1.0"
-
 _LAZY = {
     # registry
     "Registry": "packager.registry",
@@ -55,15 +54,15 @@ _LAZY = {
     "export_public_key": "packager.keys",
     "trust_key": "packager.keys",
     "list_keys": "packager.keys",
-    "TrustStore": "packager.keys",
-    "BundleManifest": "packager.bundle",
-    "open_bundle": "packager.bundle",
-    "verify_bundle": "packager.bundle",
-    "read_manifest": "packager.bundle",
+    "TrustStore": "edge_agent.trust",
+    "BundleManifest": "edge_agent.bundle",
+    "open_bundle": "edge_agent.bundle",
+    "verify_bundle": "edge_agent.bundle",
+    "read_manifest": "edge_agent.bundle",
     # profiles and packaging
-    "DeviceProfile": "packager.profiles",
-    "load_profile": "packager.profiles",
-    "list_profiles": "packager.profiles",
+    "DeviceProfile": "edge_agent.profiles",
+    "load_profile": "edge_agent.profiles",
+    "list_profiles": "edge_agent.profiles",
     "package": "packager.packaging",
     "PackageResult": "packager.packaging",
     # services (local now; docker and kubernetes take the same calls)

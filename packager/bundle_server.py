@@ -17,10 +17,10 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from packager.atomic import fsync_dir
-from packager.bundle import bundle_sha256
-from packager.errors import NotFoundError
-from packager.home import edgedeploy_home
+from edge_agent.atomic import fsync_dir
+from edge_agent.bundle import bundle_sha256
+from edge_agent.errors import NotFoundError
+from edge_agent.home import edgedeploy_home
 
 __all__ = ["BundleServer", "bundles_dir", "publish_bundle"]
 

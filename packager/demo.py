@@ -200,7 +200,7 @@ def _latest_telemetry(broker: str, wait_s: float = 4.0) -> dict[str, dict[str, A
     """The newest telemetry message of every device, listening for ``wait_s`` seconds."""
     import paho.mqtt.client as mqtt
 
-    from packager.fleet_messages import parse_message, parse_topic, topic
+    from edge_agent.fleet_messages import parse_message, parse_topic, topic
 
     latest: dict[str, dict[str, Any]] = {}
 

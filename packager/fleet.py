@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from packager.atomic import atomic_write_json, read_json
-from packager.errors import EdgeDeployError, NotFoundError, UsageError, ValidationError
-from packager.fleet_messages import DEFAULT_PREFIX, encode_message, parse_message, parse_topic, topic
-from packager.home import edgedeploy_home
+from edge_agent.atomic import atomic_write_json, read_json
+from edge_agent.errors import EdgeDeployError, NotFoundError, UsageError, ValidationError
+from edge_agent.fleet_messages import DEFAULT_PREFIX, encode_message, parse_message, parse_topic, topic
+from edge_agent.home import edgedeploy_home
 
 __all__ = [
     "DEFAULT_BROKER",
@@ -416,9 +416,9 @@ class FleetController:
                 wave: str | int = "25%", max_failures: str | float = "10%", wait: bool = False,
                 wave_timeout: float = 300.0) -> str:
         """Start (and with ``wait`` finish) a rollout of ``bundle_path`` to the selected devices."""
-        from packager.bundle import verify_bundle
+        from edge_agent.bundle import verify_bundle
+        from edge_agent.trust import TrustStore
         from packager.bundle_server import publish_bundle
-        from packager.keys import TrustStore
 
         chosen = DeviceSelector.parse(selector)
         parse_wave(wave)

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from packager.bundle import bundle_sha256
-from packager.errors import DeploymentError
+from edge_agent.bundle import bundle_sha256
+from edge_agent.errors import DeploymentError
 
 __all__ = [
     "BASE_IMAGE",

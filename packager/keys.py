@@ -10,19 +10,17 @@ A key id is the first 16 hex digits of the sha256 of the raw 32-byte public key.
 
 from __future__ import annotations
 
-import hashlib
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from packager.atomic import atomic_write_bytes
-from packager.errors import AlreadyExistsError, NotFoundError, UsageError, ValidationError
-from packager.home import edgedeploy_home
+from edge_agent.atomic import atomic_write_bytes
+from edge_agent.errors import AlreadyExistsError, NotFoundError, UsageError, ValidationError
+from edge_agent.home import edgedeploy_home
+from edge_agent.trust import TrustStore, key_id_of, load_public_key, public_pem, trust_dir
 
 __all__ = [
     "DEFAULT_KEY_NAME",
@@ -40,16 +38,6 @@ __all__ = [
 
 DEFAULT_KEY_NAME = "default"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
-def key_id_of(public_key: Ed25519PublicKey) -> str:
-    """Short, stable id of a public key."""
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
-
-
-def _public_pem(public_key: Ed25519PublicKey) -> bytes:
-    return public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 @dataclass(frozen=True)
@@ -89,10 +77,6 @@ def _keys_dir(home: Path | None) -> Path:
     return (home or edgedeploy_home()) / "keys"
 
 
-def _trust_dir(home: Path | None) -> Path:
-    return (home or edgedeploy_home()) / "trust"
-
-
 def _check_name(name: str) -> None:
     if not _NAME.match(name):
         raise UsageError(f"invalid key name {name!r}: use letters, digits, '.', '_' or '-' (max 64)")
@@ -110,7 +94,7 @@ def generate_key(name: str = DEFAULT_KEY_NAME, home: Path | None = None) -> Sign
     )
     atomic_write_bytes(path, pem, mode=0o600)
     key = SigningKey(name, private_key)
-    atomic_write_bytes(_trust_dir(home) / f"{key.key_id}.pub", _public_pem(key.public_key))
+    atomic_write_bytes(trust_dir(home) / f"{key.key_id}.pub", public_pem(key.public_key))
     return key
 
 
@@ -127,24 +111,10 @@ def load_signing_key(name: str | None = None, home: Path | None = None) -> Signi
     return SigningKey(name, private_key)
 
 
-def load_public_key(path: Path) -> Ed25519PublicKey:
-    """Read an ed25519 public key from a PEM file, with a clear error when it is not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise NotFoundError(f"public key file not found: {path}")
-    try:
-        public_key = serialization.load_pem_public_key(path.read_bytes())
-    except ValueError as exc:
-        raise ValidationError(f"{path} is not a PEM public key ({exc})") from None
-    if not isinstance(public_key, Ed25519PublicKey):
-        raise ValidationError(f"{path} is not an ed25519 public key")
-    return public_key
-
-
 def export_public_key(out: Path, name: str | None = None, home: Path | None = None) -> str:
     """Write the public half of signing key ``name`` to ``out``; returns its key id."""
     key = load_signing_key(name, home)
-    atomic_write_bytes(Path(out), _public_pem(key.public_key))
+    atomic_write_bytes(Path(out), public_pem(key.public_key))
     return key.key_id
 
 
@@ -152,7 +122,7 @@ def trust_key(path: Path, home: Path | None = None) -> str:
     """Add a signer's public key to the trust store; returns its key id."""
     public_key = load_public_key(path)
     key_id = key_id_of(public_key)
-    atomic_write_bytes(_trust_dir(home) / f"{key_id}.pub", _public_pem(public_key))
+    atomic_write_bytes(trust_dir(home) / f"{key_id}.pub", public_pem(public_key))
     return key_id
 
 
@@ -162,41 +132,6 @@ def list_keys(home: Path | None = None) -> list[KeyInfo]:
     for path in sorted(_keys_dir(home).glob("*.key")):
         key = load_signing_key(path.stem, home)
         rows.append(KeyInfo("signing", key.name, key.key_id, str(path)))
-    for path in sorted(_trust_dir(home).glob("*.pub")):
+    for path in sorted(trust_dir(home).glob("*.pub")):
         rows.append(KeyInfo("trusted", path.stem, key_id_of(load_public_key(path)), str(path)))
     return rows
-
-
-class TrustStore:
-    """The public keys a verifier accepts, by key id. Empty means nothing is trusted."""
-
-    def __init__(self, keys: Iterable[Ed25519PublicKey] = ()) -> None:
-        self._keys = {key_id_of(key): key for key in keys}
-
-    @classmethod
-    def from_files(cls, paths: Iterable[Path]) -> TrustStore:
-        """Trust exactly the keys in these PEM files (a device's ``trusted_keys``)."""
-        return cls(load_public_key(Path(p)) for p in paths)
-
-    @classmethod
-    def local(cls, home: Path | None = None) -> TrustStore:
-        """The trust store under ``EDGEDEPLOY_HOME/trust``."""
-        return cls.from_files(sorted(_trust_dir(home).glob("*.pub")))
-
-    @property
-    def key_ids(self) -> list[str]:
-        return sorted(self._keys)
-
-    def verify(self, key_id: str, signature: bytes, data: bytes) -> bool:
-        """True when ``key_id`` is trusted and ``signature`` is its signature of ``data``."""
-        key = self._keys.get(key_id)
-        if key is None:
-            return False
-        try:
-            key.verify(signature, data)
-        except InvalidSignature:
-            return False
-        return True
-
-    def __contains__(self, key_id: object) -> bool:
-        return key_id in self._keys

@@ -8,8 +8,8 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from packager.errors import ValidationError
-from packager.tensors import TensorSpec, onnx_type_to_v2
+from edge_agent.errors import ValidationError
+from edge_agent.tensors import TensorSpec, onnx_type_to_v2
 
 __all__ = ["describe_io", "operator_counts", "optimize_model"]
 

@@ -17,15 +17,16 @@ from typing import Any
 
 import numpy as np
 
-from packager.bundle import BundleManifest, PayloadSource, canonical_json, tree_sha256, write_bundle
-from packager.errors import AccuracyError, NotFoundError, UsageError, ValidationError
+from edge_agent.bundle import BundleManifest, canonical_json, tree_sha256
+from edge_agent.errors import AccuracyError, NotFoundError, UsageError, ValidationError
+from edge_agent.profiles import DeviceProfile, load_profile
+from edge_agent.tensors import TensorSpec, v2_to_numpy
+from packager.bundle import PayloadSource, write_bundle
 from packager.evaluate import Predictor, accuracy_points, agreement_points, batch1_latency_ms
 from packager.keys import load_signing_key
 from packager.optimize import describe_io, operator_counts, optimize_model
-from packager.profiles import DeviceProfile, load_profile
 from packager.quantize import PRECISION_OF, QUANTIZATIONS, quantize_model
 from packager.samples import load_arrays, load_sample, match_inputs, sample_to_inputs, split_labels
-from packager.tensors import TensorSpec, v2_to_numpy
 
 __all__ = ["PackageResult", "ResolvedModel", "package", "parse_batching", "resolve_model"]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from packager.errors import UsageError, ValidationError
+from edge_agent.errors import UsageError, ValidationError
 
 __all__ = ["PRECISION_OF", "QUANTIZATIONS", "quantize_model"]
 

@@ -38,8 +38,8 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from packager.errors import NotFoundError, UsageError, ValidationError
-from packager.home import edgedeploy_home
+from edge_agent.errors import NotFoundError, UsageError, ValidationError
+from edge_agent.home import edgedeploy_home
 from packager.registry_store import (
     BlobStore,
     FileBlobStore,

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from packager.atomic import fsync_dir
-from packager.errors import IntegrityError
+from edge_agent.atomic import fsync_dir
+from edge_agent.errors import IntegrityError
 
 __all__ = [
     "BlobStore",

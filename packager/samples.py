@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from packager.errors import NotFoundError, UsageError, ValidationError
+from edge_agent.errors import NotFoundError, UsageError, ValidationError
 
 __all__ = ["load_arrays", "load_sample", "sample_to_inputs"]
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from packager.errors import (
+from edge_agent.errors import (
     AuthError,
     DeploymentError,
     EdgeDeployError,
@@ -167,7 +167,7 @@ def run(name: str, data: Any, timeout: float = 30.0) -> Any:
 
     ``data`` is the request body: a JSON-able object (e.g. ``{"data": [[...]]}``), a JSON string,
     or raw ``bytes`` (sent as ``application/octet-stream``, e.g. an image for an entry script).
-    Error answers raise the matching ``packager.errors`` type with the server's message.
+    Error answers raise the matching ``edge_agent.errors`` type with the server's message.
     """
     service = get_service(name)
     if not service.scoring_uri:

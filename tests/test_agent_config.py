@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from edge_agent.config import load_agent_config
-from packager.errors import NotFoundError, ValidationError
+from edge_agent.errors import NotFoundError, ValidationError
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = {"device_id": "pi-kitchen-01", "profile": "cpu-arm64", "groups": ["kitchen", "canary"],

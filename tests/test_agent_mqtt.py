@@ -27,9 +27,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edge_agent.bundle import bundle_sha256
 from edge_agent.daemon import outputs_match
-from packager.bundle import bundle_sha256
-from packager.fleet_messages import encode_message, topic
+from edge_agent.fleet_messages import encode_message, topic
 from packager.keys import SigningKey, export_public_key, generate_key
 from packager.targets.base import free_port
 from tests.test_store import script_bundle

@@ -13,11 +13,12 @@ from onnx import TensorProto, helper
 
 from edge_agent.batching import BatchSettings, DynamicBatcher
 from edge_agent.dataplane import DataPlane
+from edge_agent.errors import InferenceError, InvalidInputError
 from edge_agent.inference import InferRequest
 from edge_agent.metrics import MetricsRegistry
 from edge_agent.repository import ModelRepository
-from packager.errors import InferenceError, InvalidInputError
-from packager.keys import SigningKey, TrustStore
+from edge_agent.trust import TrustStore
+from packager.keys import SigningKey
 from tests.test_runtime import make_bundle, raw_run
 
 BATCHING = {"max_batch_size": 16, "max_queue_delay_us": 20000, "preferred_batch_sizes": [8]}

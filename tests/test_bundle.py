@@ -19,15 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from packager.bundle import (
-    BundleManifest,
-    canonical_json,
-    open_bundle,
-    read_manifest,
-    verify_bundle,
-    write_bundle,
-)
-from packager.errors import (
+from edge_agent.bundle import BundleManifest, canonical_json, open_bundle, read_manifest, verify_bundle
+from edge_agent.errors import (
     BundleError,
     IntegrityError,
     NotFoundError,
@@ -35,7 +28,9 @@ from packager.errors import (
     UnsafeArchiveError,
     UntrustedKeyError,
 )
-from packager.keys import SigningKey, TrustStore, generate_key
+from edge_agent.trust import TrustStore
+from packager.bundle import write_bundle
+from packager.keys import SigningKey, generate_key
 
 MODEL = b"\x08\x07fake-onnx-bytes" * 100
 SAMPLE = b'{"data": [[1, 2, 3]]}'

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from packager.bundle import bundle_sha256
+from edge_agent.bundle import bundle_sha256
 from packager.keys import SigningKey
 from packager.packaging import package
 from tests.e2e.conftest import free_port

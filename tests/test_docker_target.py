@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from packager.errors import DeploymentError
+from edge_agent.errors import DeploymentError
 from packager.packaging import package
 from packager.targets.base import ServiceState
 from tests.servers import digits_bundle

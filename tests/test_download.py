@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.download import download_bundle
-from packager.errors import DeploymentError, IntegrityError, ValidationError
+from edge_agent.errors import DeploymentError, IntegrityError, ValidationError
 
 BLOB = os.urandom(300_000)
 SHA = hashlib.sha256(BLOB).hexdigest()

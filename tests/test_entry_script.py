@@ -13,12 +13,13 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from edge_agent.dataplane import DataPlane
+from edge_agent.errors import BundleError, InferenceError, ModelNotReadyError
 from edge_agent.inference import InferRequest
 from edge_agent.metrics import MetricsRegistry
 from edge_agent.repository import ModelRepository
 from edge_agent.runtime.entry_script import ensure_requirements
-from packager.errors import BundleError, InferenceError, ModelNotReadyError
-from packager.keys import SigningKey, TrustStore
+from edge_agent.trust import TrustStore
+from packager.keys import SigningKey
 from tests.test_runtime import make_bundle
 
 SKLEARN_SCORE = '''

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from packager.errors import ValidationError
-from packager.fleet_messages import (
+from edge_agent.errors import ValidationError
+from edge_agent.fleet_messages import (
     MAX_MESSAGE_BYTES,
     encode_message,
     parse_message,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from packager.errors import UsageError
+from edge_agent.errors import UsageError
 from packager.fleet import DeviceSelector, RolloutPlan, split_waves
 
 TARGET = {"bundle_sha256": "b" * 64, "bundle_url": "http://s/bundles/" + "b" * 64 + ".edb",

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent.errors import DeploymentError
 from edge_agent.fpga.binding import DetectedAccelerator, binding_problem, check_binding, detect_accelerators
-from packager.errors import DeploymentError
-from packager.profiles import load_profile
+from edge_agent.profiles import load_profile
 
 KV260 = {"kind": "fpga", "vendor": "xilinx", "board": "kria-kv260", "part": "xck26-sfvc784-2LV-c",
          "shell_version": "kv260-base-2022.2", "firmware_sha256": "ab" * 32}

@@ -18,9 +18,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
+from edge_agent.bundle import open_bundle
+from edge_agent.errors import BundleError, PackagingError, UsageError
 from edge_agent.fpga.csim import CSimModel
-from packager.bundle import open_bundle
-from packager.errors import BundleError, PackagingError, UsageError
 from packager.examples import build_digits_dense_mlp
 from packager.fpga.fixed import FirmwareReference, FixedType, parse_fixed, to_fixed, to_fixed_as_written
 from packager.fpga.hls import HLS_WIDTHS, compile_hls, firmware_layout, float_forward
@@ -334,7 +334,7 @@ def test_cnn_bundle_serves_nchw_requests(digits_cnn: Path, digits, signing_key, 
 
 
 def test_the_same_model_gives_the_same_firmware_bytes(dense_mlp: Path, digits, firmware, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from packager.bundle import tree_sha256
+    from edge_agent.bundle import tree_sha256
 
     again = compile_hls(dense_mlp, digits.x_train[:500], tmp_path / "again", part=PART)
     assert tree_sha256(again.project) == tree_sha256(firmware.project)

@@ -14,10 +14,10 @@ import pytest
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.neural_network import MLPClassifier
 
+from edge_agent.bundle import open_bundle
+from edge_agent.errors import BundleError, InvalidInputError, PackagingError
 from edge_agent.fpga.loaders import decode_frame, encode_frame
 from edge_agent.fpga.verilator_sim import VerilatorModel
-from packager.bundle import open_bundle
-from packager.errors import BundleError, InvalidInputError, PackagingError
 from packager.examples import DigitsData, build_digits_dense_mlp
 from packager.fpga.ice40 import Bitstream, build_bitstream, generate_verilog, run_testbench, write_hex
 from packager.fpga.int8 import QuantizedMLP, _multiplier, quantize_layers, quantize_mlp, reference, requantize_int

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edge_agent.errors import DeploymentError, InvalidInputError
 from edge_agent.fpga.loaders import (
     FixedPoint,
     Ice40Loader,
@@ -20,7 +21,6 @@ from edge_agent.fpga.loaders import (
     pack_fixed,
     unpack_fixed,
 )
-from packager.errors import DeploymentError, InvalidInputError
 
 Q16_6 = FixedPoint(16, 6)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent.errors import AlreadyExistsError, NotFoundError, UsageError, ValidationError
 from packager import keys
-from packager.errors import AlreadyExistsError, NotFoundError, UsageError, ValidationError
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from packager.errors import UsageError
+from edge_agent.errors import UsageError
 from packager.targets.kubernetes import KubernetesOptions, render_manifests, write_manifests
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from packager.bundle import bundle_sha256
+from edge_agent.bundle import bundle_sha256
 from packager.images import build_image
 from packager.targets.base import free_port
 from packager.targets.kubernetes import KubernetesOptions, render_manifests, trusted_public_keys

@@ -11,8 +11,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from packager.bundle import open_bundle, verify_bundle
-from packager.errors import AccuracyError, NotFoundError, UsageError
+from edge_agent.bundle import open_bundle, verify_bundle
+from edge_agent.errors import AccuracyError, NotFoundError, UsageError
 from packager.examples import DigitsData, build_digits_mlp
 from packager.keys import SigningKey
 from packager.packaging import package, parse_batching

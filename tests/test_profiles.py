@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from packager.errors import NotFoundError, ValidationError
-from packager.profiles import BUILTIN_PROFILES_DIR, list_profiles, load_profile, validate_profile
+from edge_agent.errors import NotFoundError, ValidationError
+from edge_agent.profiles import BUILTIN_PROFILES_DIR, list_profiles, load_profile, validate_profile
 
 REQUIRED = {"cpu-x86_64", "cpu-arm64", "nvidia-jetson-orin", "nvidia-gpu-server", "xilinx-kria-kv260",
             "fpga-emulator", "lattice-ice40-up5k"}

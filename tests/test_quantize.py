@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from packager.errors import NotFoundError, UsageError, ValidationError
+from edge_agent.errors import NotFoundError, UsageError, ValidationError
 from packager.examples import DigitsData
 from packager.optimize import operator_counts, optimize_model
 from packager.quantize import quantize_model

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from packager.errors import EdgeDeployError, NotFoundError, UsageError, ValidationError
+from edge_agent.errors import EdgeDeployError, NotFoundError, UsageError, ValidationError
 from packager.registry import Registry, parse_key_values, parse_model_ref
 
 EDGEDEPLOY = Path(sys.executable).parent / "edgedeploy"

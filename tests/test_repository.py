@@ -9,13 +9,14 @@ from typing import Any
 import numpy as np
 import pytest
 
+from edge_agent.bundle import open_bundle
 from edge_agent.dataplane import DataPlane
+from edge_agent.errors import BundleError, InvalidInputError, ModelNotReadyError, NotFoundError
 from edge_agent.inference import InferRequest
 from edge_agent.metrics import MetricsRegistry
 from edge_agent.repository import ModelRepository
-from packager.bundle import open_bundle
-from packager.errors import BundleError, InvalidInputError, ModelNotReadyError, NotFoundError
-from packager.keys import SigningKey, TrustStore, generate_key
+from edge_agent.trust import TrustStore
+from packager.keys import SigningKey, generate_key
 from tests.test_runtime import make_bundle, raw_run
 
 

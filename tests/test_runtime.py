@@ -12,15 +12,17 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from edge_agent.bundle import BundleManifest
 from edge_agent.dataplane import DataPlane
+from edge_agent.errors import InvalidInputError, NotFoundError
 from edge_agent.inference import InferRequest
 from edge_agent.metrics import MetricsRegistry
 from edge_agent.repository import ModelRepository
 from edge_agent.runtime.onnx import choose_providers
-from packager.bundle import BundleManifest, write_bundle
-from packager.errors import InvalidInputError, NotFoundError
-from packager.keys import SigningKey, TrustStore
-from packager.tensors import TensorSpec, onnx_type_to_v2
+from edge_agent.tensors import TensorSpec, onnx_type_to_v2
+from edge_agent.trust import TrustStore
+from packager.bundle import write_bundle
+from packager.keys import SigningKey
 
 
 def specs_of(model: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -222,8 +224,8 @@ def test_cnn_and_samples(tmp_path: Path, signing_key: SigningKey, trust: TrustSt
 
 def test_unknown_backend_is_refused_with_the_known_ones(tmp_path: Path, signing_key: SigningKey,
                                                         trust: TrustStore, digits_mlp: Path) -> None:
-    from packager.bundle import read_manifest
-    from packager.errors import BundleError
+    from edge_agent.bundle import read_manifest
+    from edge_agent.errors import BundleError
 
     bundle = make_bundle(tmp_path / "m.edb", signing_key, digits_mlp)
     manifest, _ = read_manifest(bundle, trust)

@@ -27,20 +27,21 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from packager import services
-from packager.bundle import BundleManifest, write_bundle
-from packager.errors import (
+from edge_agent.bundle import BundleManifest
+from edge_agent.errors import (
     AlreadyExistsError,
     BundleError,
     DeploymentError,
     NotFoundError,
     UsageError,
 )
+from edge_agent.profiles import load_profile
+from edge_agent.tensors import TensorSpec
+from packager import services
+from packager.bundle import write_bundle
 from packager.examples import digits_data
 from packager.keys import SigningKey, generate_key
-from packager.profiles import load_profile
 from packager.targets.base import free_port
-from packager.tensors import TensorSpec
 
 SAMPLE = digits_data().x_test[:3]
 
@@ -297,7 +298,7 @@ def test_run_without_auth_on_a_stopped_or_unknown_service(home: Path) -> None:
 
 
 def test_run_maps_a_bad_request_to_an_error(home: Path, service: services.Service) -> None:
-    from packager.errors import InvalidInputError
+    from edge_agent.errors import InvalidInputError
 
     with pytest.raises(InvalidInputError):
         services.run("digits-api", {"data": [[1.0, 2.0]]})

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent.bundle import BundleManifest, bundle_sha256, open_bundle
+from edge_agent.errors import DeploymentError
+from edge_agent.profiles import load_profile
 from edge_agent.store import IN_PROGRESS, TRANSITIONS, BundleStore, DeployState, Event, next_state
-from packager.bundle import BundleManifest, bundle_sha256, open_bundle, write_bundle
-from packager.errors import DeploymentError
+from edge_agent.tensors import TensorSpec
+from packager.bundle import write_bundle
 from packager.keys import SigningKey
-from packager.profiles import load_profile
-from packager.tensors import TensorSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY = b"VERSION = %d\n\ndef init():\n    pass\n\ndef run(data):\n    return {'version': VERSION}\n"
@@ -137,7 +138,7 @@ CHILD = textwrap.dedent("""
     import sys
     from pathlib import Path
     from edge_agent.store import BundleStore, Event
-    from packager.bundle import open_bundle
+    from edge_agent.bundle import open_bundle
     data, bundle, sha, commit = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4] == "commit"
     store = BundleStore(Path(data))
     store.begin({"deployment_id": "d2", "bundle_url": "http://127.0.0.1:1/x", "bundle_sha256": sha,

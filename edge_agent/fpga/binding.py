@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from packager.errors import DeploymentError
+from edge_agent.errors import DeploymentError
 
 __all__ = ["DetectedAccelerator", "binding_problem", "check_binding", "detect_accelerators"]
 

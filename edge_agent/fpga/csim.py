@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from packager.errors import BundleError
+from edge_agent.errors import BundleError
 
 __all__ = ["CSimModel", "cxx_compiler", "firmware_digest"]
 

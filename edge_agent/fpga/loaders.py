@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from packager.errors import DeploymentError, InvalidInputError
+from edge_agent.errors import DeploymentError, InvalidInputError
 
 __all__ = [
     "BoardLoader",

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from packager.bundle import tree_sha256
-from packager.errors import BundleError, InvalidInputError
+from edge_agent.bundle import tree_sha256
+from edge_agent.errors import BundleError, InvalidInputError
 
 __all__ = ["VerilatorModel", "rtl_digest"]
 

@@ -7,10 +7,10 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.errors import InvalidInputError, ValidationError
 from edge_agent.grpc import oip_messages_pb2 as pb
 from edge_agent.inference import InferRequest, InferResponse
-from packager.errors import InvalidInputError, ValidationError
-from packager.tensors import numpy_to_v2, v2_to_numpy
+from edge_agent.tensors import numpy_to_v2, v2_to_numpy
 
 __all__ = ["decode_bytes", "encode_bytes", "request_from_proto", "response_to_proto"]
 

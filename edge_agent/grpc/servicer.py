@@ -14,10 +14,7 @@ import grpc
 
 from edge_agent.auth import AuthKeys
 from edge_agent.dataplane import DataPlane
-from edge_agent.grpc import grpc_service_pb2_grpc as services
-from edge_agent.grpc import oip_messages_pb2 as pb
-from edge_agent.grpc.converters import request_from_proto, response_to_proto
-from packager.errors import (
+from edge_agent.errors import (
     AuthError,
     EdgeDeployError,
     InvalidInputError,
@@ -26,6 +23,9 @@ from packager.errors import (
     UsageError,
     ValidationError,
 )
+from edge_agent.grpc import grpc_service_pb2_grpc as services
+from edge_agent.grpc import oip_messages_pb2 as pb
+from edge_agent.grpc.converters import request_from_proto, response_to_proto
 
 __all__ = ["AuthInterceptor", "InferenceServicer"]
 

@@ -14,9 +14,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from packager.bundle import BundleManifest
-from packager.errors import BundleError
-from packager.tensors import TensorSpec
+from edge_agent.bundle import BundleManifest
+from edge_agent.errors import BundleError
+from edge_agent.tensors import TensorSpec
 
 __all__ = ["BACKENDS", "CURRENT_MODEL_DIR", "LoadedModel", "ModelInfo", "ModelSpecs", "TensorScoring", "load_model",
            "register_backend", "validate_inputs"]
@@ -135,8 +135,8 @@ def validate_inputs(specs: list[TensorSpec], given: dict[str, Any]) -> dict[str,
     Values convert when no information is lost (JSON integers into FP32, say); anything else is
     an InvalidInputError naming the input.
     """
-    from packager.errors import InvalidInputError
-    from packager.tensors import v2_to_numpy
+    from edge_agent.errors import InvalidInputError
+    from edge_agent.tensors import v2_to_numpy
 
     expected = {spec.name: spec for spec in specs}
     unknown = sorted(set(given) - set(expected))
@@ -162,7 +162,7 @@ def validate_inputs(specs: list[TensorSpec], given: dict[str, Any]) -> dict[str,
 
 def _convert(name: str, raw: np.ndarray, dtype: np.dtype, from_json: bool = False) -> np.ndarray:
     """Cast only when nothing is lost; JSON numbers (parsed as float64/int64) may narrow to the spec."""
-    from packager.errors import InvalidInputError
+    from edge_agent.errors import InvalidInputError
 
     if raw.dtype == dtype:
         return raw
@@ -184,7 +184,7 @@ def _convert(name: str, raw: np.ndarray, dtype: np.dtype, from_json: bool = Fals
 
 
 def _check_shape(name: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
-    from packager.errors import InvalidInputError
+    from edge_agent.errors import InvalidInputError
 
     if not expected:
         return

@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.bundle import BundleManifest
+from edge_agent.errors import BundleError, InferenceError, InvalidInputError, ModelNotReadyError
 from edge_agent.runtime.base import CURRENT_MODEL_DIR, ModelInfo, ModelSpecs
-from packager.bundle import BundleManifest
-from packager.errors import BundleError, InferenceError, InvalidInputError, ModelNotReadyError
 
 __all__ = ["EntryScriptModel", "ensure_requirements", "load"]
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.bundle import BundleManifest
+from edge_agent.errors import BundleError
 from edge_agent.fpga.csim import CSimModel
 from edge_agent.runtime.base import ModelInfo, TensorScoring
-from packager.bundle import BundleManifest
-from packager.errors import BundleError
 
 __all__ = ["FirmwareModel", "fpga_cache_dir", "load", "softmax"]
 

@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.bundle import BundleManifest
+from edge_agent.errors import BundleError
 from edge_agent.fpga.verilator_sim import VerilatorModel
 from edge_agent.runtime.base import ModelInfo
 from edge_agent.runtime.hls import FirmwareModel, fpga_cache_dir
-from packager.bundle import BundleManifest
-from packager.errors import BundleError
 
 __all__ = ["Int8Design", "load"]
 

@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from edge_agent.bundle import BundleManifest
+from edge_agent.errors import BundleError, InvalidInputError
 from edge_agent.runtime.base import ModelInfo, TensorScoring
-from packager.bundle import BundleManifest
-from packager.errors import BundleError, InvalidInputError
-from packager.tensors import V2_TO_NUMPY, onnx_type_to_v2
+from edge_agent.tensors import V2_TO_NUMPY, onnx_type_to_v2
 
 __all__ = ["OnnxModel", "choose_providers", "load", "parse_score_body"]
 

@@ -6,14 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from packager.bundle import (
-    BundleManifest,
-    SignatureInfo,
-    bundle_sha256,
-    open_bundle,
-    read_manifest,
-    verify_bundle,
-)
+from edge_agent.bundle import BundleManifest, SignatureInfo, bundle_sha256, open_bundle, read_manifest, verify_bundle
 from packager.cli.output import print_json, print_table
 
 __all__ = ["register"]

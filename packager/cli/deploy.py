@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from edge_agent.errors import UsageError
 from packager import services
 from packager.cli.output import progress
-from packager.errors import UsageError
 from packager.targets import KNOWN_TARGETS
 
 __all__ = ["register"]
@@ -69,7 +69,7 @@ def _deploy(args: argparse.Namespace) -> int:
 def _write_kubernetes(args: argparse.Namespace) -> int:
     """Render the Kubernetes objects for a verified bundle into ``args.output``."""
     from edge_agent.auth import generate_keys
-    from packager.bundle import bundle_sha256, verify_bundle
+    from edge_agent.bundle import bundle_sha256, verify_bundle
     from packager.images import image_tag
     from packager.targets.kubernetes import KubernetesOptions, render_manifests, trusted_public_keys, write_manifests
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from packager.errors import EdgeDeployError, UsageError
+from edge_agent.errors import UsageError
+from edge_agent.exit_codes import exit_code_of
 
 __all__ = ["exit_code_of", "main"]
 
@@ -37,30 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
     for group in _GROUPS:
         importlib.import_module(f"packager.cli.{group}").register(subparsers)
     return parser
-
-
-def exit_code_of(body: Callable[[], int]) -> int:
-    """Run a command body and turn any error into one ``error:`` line and an exit code.
-
-    2 for bad usage, 1 for any other failure, 130 on Ctrl-C. Shared by ``edgedeploy`` and ``edge-agent``.
-    """
-    try:
-        return int(body() or 0)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except EdgeDeployError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 - the one place that turns a bug into a clean exit
-        if os.environ.get("EDGEDEPLOY_DEBUG"):
-            raise
-        print(f"error: internal error: {type(exc).__name__}: {exc} (set EDGEDEPLOY_DEBUG=1 for details)",
-              file=sys.stderr)
-        return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from edge_agent.errors import UsageError
 from packager.cli.output import print_json, print_table, progress
-from packager.errors import UsageError
 from packager.registry import Registry, parse_key_values, parse_model_ref
 
 __all__ = ["register"]

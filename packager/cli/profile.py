@@ -6,8 +6,8 @@ import argparse
 
 import yaml
 
+from edge_agent.profiles import list_profiles, load_profile
 from packager.cli.output import print_json, print_table
-from packager.profiles import list_profiles, load_profile
 
 __all__ = ["register"]
 

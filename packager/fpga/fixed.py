@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from packager.errors import PackagingError
+from edge_agent.errors import PackagingError
 
 __all__ = ["FixedType", "FirmwareReference", "parse_fixed", "to_fixed", "to_fixed_as_written"]
 

@@ -36,10 +36,10 @@ from typing import Any
 
 import numpy as np
 
-from packager.errors import PackagingError
+from edge_agent.errors import PackagingError
+from edge_agent.home import edgedeploy_home
 from packager.fpga.fixed import FirmwareReference, FixedType, to_fixed, to_fixed_as_written
 from packager.fpga.lower import Conv2D, Dense, Flatten, Layer, MaxPool2D, Relu, Softmax, lower_onnx
-from packager.home import edgedeploy_home
 
 __all__ = ["HLS_WIDTHS", "HlsBuild", "HlsPrecision", "compile_hls", "firmware_layout", "float_forward"]
 
@@ -413,8 +413,8 @@ def _default_csim_cache() -> Path:
 def _confirm_on_csim(project: Path, x: np.ndarray, expected: np.ndarray, cache: Path) -> bool:
     """Build the firmware's C simulation once (g++, cached by firmware digest) and check that it gives the
     reference's outputs bit for bit; False (logged) when this machine has no C++ compiler."""
+    from edge_agent.errors import BundleError
     from edge_agent.fpga.csim import CSimModel, cxx_compiler
-    from packager.errors import BundleError
 
     if cxx_compiler() is None:
         log.warning("no C++ compiler: the firmware's C simulation was not run (the integer reference was)")

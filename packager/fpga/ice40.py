@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from packager.errors import PackagingError
+from edge_agent.errors import PackagingError
 from packager.fpga.int8 import QuantizedMLP
 
 __all__ = ["Bitstream", "build_bitstream", "generate_verilog", "run_testbench", "write_hex"]

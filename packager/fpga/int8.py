@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from packager.errors import PackagingError
+from edge_agent.errors import PackagingError
 from packager.fpga.lower import Dense, Layer, Relu, Softmax, lower_onnx
 
 __all__ = ["FloatLayer", "QuantizedLayer", "QuantizedMLP", "dense_chain", "quantize_layers", "quantize_mlp",

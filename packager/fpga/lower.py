@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from packager.errors import PackagingError
+from edge_agent.errors import PackagingError
 
 __all__ = ["SUPPORTED_OPS", "Conv2D", "Dense", "Flatten", "Layer", "MaxPool2D", "Relu", "Softmax", "lower_onnx"]
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from packager.bundle import tree_sha256
-from packager.errors import PackagingError, UsageError
-from packager.profiles import DeviceProfile
+from edge_agent.bundle import tree_sha256
+from edge_agent.errors import PackagingError, UsageError
+from edge_agent.profiles import DeviceProfile
 
 __all__ = ["FPGA_BACKENDS", "AcceleratorStage", "compile_for_profile"]
 

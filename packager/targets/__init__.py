@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from packager.errors import UsageError
+from edge_agent.errors import UsageError
 from packager.targets.base import DeploymentSpec, DeployTarget, Service, ServiceState, check_service_name
 from packager.targets.local import LocalTarget
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from packager.errors import UsageError
+from edge_agent.errors import UsageError
 
 __all__ = ["DeployTarget", "DeploymentSpec", "Service", "ServiceState", "check_service_name", "free_port",
            "wait_port"]
@@ -129,7 +129,7 @@ class Service:
 
 @runtime_checkable
 class DeployTarget(Protocol):
-    """A place services run. Each method raises ``packager.errors`` types only."""
+    """A place services run. Each method raises ``edge_agent.errors`` types only."""
 
     name: str
 

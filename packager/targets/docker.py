@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from packager.atomic import atomic_write_json
-from packager.errors import DeploymentError, NotFoundError
+from edge_agent.atomic import atomic_write_json
+from edge_agent.errors import DeploymentError, NotFoundError
 from packager.images import BASE_IMAGE, BUNDLE_PATH, build_image
 from packager.targets.base import DeploymentSpec, Service, ServiceState, free_port
 from packager.targets.local import LocalTarget, http_request
@@ -93,7 +93,7 @@ class DockerTarget:
         """The public keys the container trusts: ``trusted_key`` or every key this host trusts."""
         if self.trusted_key is not None:
             return [Path(self.trusted_key).resolve()]
-        from packager.home import edgedeploy_home
+        from edge_agent.home import edgedeploy_home
 
         keys = sorted(path.resolve() for path in (edgedeploy_home() / "trust").glob("*.pub"))
         if not keys:

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from packager.errors import DeploymentError
+from edge_agent.errors import DeploymentError
 
 __all__ = ["PrivateDockerd", "engine_answers", "start_private_dockerd"]
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from packager.errors import UsageError
+from edge_agent.errors import UsageError
 from packager.targets.base import check_service_name
 
 __all__ = [
@@ -211,7 +211,7 @@ def _serve_config(opts: KubernetesOptions) -> dict[str, Any]:
 
 def trusted_public_keys(home: Path | None = None) -> dict[str, str]:
     """The public keys this host trusts (``EDGEDEPLOY_HOME/trust/*.pub``), as file name -> PEM."""
-    from packager.home import edgedeploy_home
+    from edge_agent.home import edgedeploy_home
 
     folder = (home or edgedeploy_home()) / "trust"
     return {path.name: path.read_text(encoding="utf-8") for path in sorted(folder.glob("*.pub"))}

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from packager.atomic import atomic_write_json
-from packager.errors import DeploymentError, NotFoundError, UsageError
+from edge_agent.atomic import atomic_write_json
+from edge_agent.errors import DeploymentError, NotFoundError, UsageError
 from packager.targets.base import DeploymentSpec, Service, ServiceState
 from packager.targets.kubernetes import KubernetesOptions, render_manifests, trusted_public_keys
 from packager.targets.local import LocalTarget
@@ -117,7 +117,7 @@ class KubernetesTarget:
         return record
 
     def _options(self, spec: DeploymentSpec, keys: dict[str, str], namespace: str) -> KubernetesOptions:
-        from packager.bundle import bundle_sha256, verify_bundle
+        from edge_agent.bundle import bundle_sha256, verify_bundle
         from packager.images import image_tag
 
         verify_bundle(spec.bundle)

@@ -29,16 +29,16 @@ from typing import Any
 
 import psutil
 
-from packager.atomic import atomic_write_json, read_json
-from packager.bundle import BundleManifest, bundle_sha256, verify_bundle
-from packager.errors import (
+from edge_agent.atomic import atomic_write_json, read_json
+from edge_agent.bundle import BundleManifest, bundle_sha256, verify_bundle
+from edge_agent.errors import (
     AlreadyExistsError,
     DeploymentError,
     EdgeDeployError,
     NotFoundError,
     UsageError,
 )
-from packager.home import edgedeploy_home
+from edge_agent.home import edgedeploy_home
 from packager.targets.base import DeploymentSpec, Service, ServiceState, check_service_name
 
 __all__ = ["KEY_NAMES", "LocalTarget", "ServiceFiles", "error_text", "http_request", "services_root"]

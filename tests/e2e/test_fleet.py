@@ -1,7 +1,7 @@
 """Fleet rollouts end to end: a real Mosquitto, ``edgedeploy serve``, the controller and its CLI.
 
 The first tests drive the controller against scripted devices that speak the MQTT contract of
-``packager.fleet_messages`` (they download the bundle from the real server and check its sha256),
+``edge_agent.fleet_messages`` (they download the bundle from the real server and check its sha256),
 which pins the controller's side; the tests after them run real ``edge-agent --config`` processes.
 """
 
@@ -23,12 +23,13 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from packager.bundle import BundleManifest, write_bundle
+from edge_agent.bundle import BundleManifest
+from edge_agent.fleet_messages import encode_message, parse_message, topic
+from edge_agent.profiles import load_profile
+from edge_agent.tensors import TensorSpec
+from packager.bundle import write_bundle
 from packager.fleet import FleetController
-from packager.fleet_messages import encode_message, parse_message, topic
 from packager.keys import SigningKey
-from packager.profiles import load_profile
-from packager.tensors import TensorSpec
 
 pytestmark = pytest.mark.e2e
 

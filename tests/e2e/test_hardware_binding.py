@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
+from edge_agent.profiles import load_profile
 from packager.bundle import write_bundle
 from packager.fleet import FleetController
 from packager.keys import SigningKey
-from packager.profiles import load_profile
 from tests.e2e.test_fleet import needs_agent, score, script_bundle, wait_fleet
 
 pytestmark = pytest.mark.e2e
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.e2e
 
 def _bound_to_kv260(out: Path, key: SigningKey, version: int) -> Path:
     """The same scorer, but its manifest binds it to a Kria KV260 with a given firmware digest."""
-    from packager.bundle import read_manifest
+    from edge_agent.bundle import read_manifest
 
     plain = script_bundle(out.with_suffix(".plain.edb"), key, version)
     manifest, _ = read_manifest(plain)

@@ -19,7 +19,7 @@ import json
 import re
 from typing import Any
 
-from packager.errors import ValidationError
+from edge_agent.errors import ValidationError
 
 __all__ = [
     "DEFAULT_PREFIX",

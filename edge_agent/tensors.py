@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from packager.errors import ValidationError
+from edge_agent.errors import ValidationError
 
 __all__ = ["TensorSpec", "V2_TO_NUMPY", "numpy_to_v2", "onnx_type_to_v2", "v2_to_numpy"]
 

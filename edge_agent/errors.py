@@ -8,6 +8,7 @@ neutral: nothing here knows about any transport.
 from __future__ import annotations
 
 __all__ = [
+    "MAX_ERROR_CHARS",
     "AccuracyError",
     "AlreadyExistsError",
     "AuthError",
@@ -26,11 +27,31 @@ __all__ = [
     "UntrustedKeyError",
     "UsageError",
     "ValidationError",
+    "brief",
 ]
+
+MAX_ERROR_CHARS = 1000  # an error text reaches MQTT messages (256 KiB), files and HTTP bodies: keep it a line
+
+
+def brief(text: object, limit: int = MAX_ERROR_CHARS) -> str:
+    """``str(text)`` cut to ``limit`` characters, saying how much was left out.
+
+    Error messages quote what was wrong (a name, a path); an attacker chooses how long that is.
+    """
+    value = str(text)
+    if len(value) <= limit:
+        return value
+    return f"{value[:limit]}... ({len(value) - limit} more characters)"
 
 
 class EdgeDeployError(Exception):
-    """Base class: a failure the user can act on. The message says what and what to do."""
+    """Base class: a failure the user can act on. The message says what and what to do.
+
+    The message is cut to :data:`MAX_ERROR_CHARS`, whatever it quotes.
+    """
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(brief(message))
 
 
 class UsageError(EdgeDeployError):

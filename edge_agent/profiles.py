@@ -18,8 +18,8 @@ from typing import Any
 import jsonschema
 import yaml
 
-from packager.errors import NotFoundError, ValidationError
-from packager.home import edgedeploy_home
+from edge_agent.errors import NotFoundError, ValidationError
+from edge_agent.home import edgedeploy_home
 
 __all__ = ["BUILTIN_PROFILES_DIR", "DeviceProfile", "list_profiles", "load_profile", "validate_profile"]
 
