@@ -6,6 +6,12 @@ manifest's exact bytes), then one ``payload/<path>`` entry per file listed in th
 sorted order. The manifest holds every file's sha256 and size, so the signature covers the
 whole bundle. Opening a bundle verifies the signature before reading anything else, then every
 file as it streams; nothing is trusted, and nothing is written outside the target folder.
+
+The order of checks, each bounded before it reads: every tar header is refused before its data is read
+when it is a kind the writer never emits (GNU long names, sparse files, global or Solaris headers) or a
+pax header over :data:`MAX_PAX_HEADER_BYTES`; ``manifest.sig`` (at most :data:`MAX_SIGNATURE_BYTES`) and
+``manifest.json`` (at most :data:`MAX_MANIFEST_BYTES`) are read as raw bytes; the signature is checked
+over those bytes; only then is the manifest parsed (depth-bounded), and only then the payload streamed.
 """
 
 from __future__ import annotations
@@ -30,7 +36,10 @@ from edge_agent.errors import (
     SignatureError,
     UnsafeArchiveError,
     UntrustedKeyError,
+    ValidationError,
+    brief,
 )
+from edge_agent.jsonlimits import loads_bounded
 from edge_agent.tensors import TensorSpec
 from edge_agent.trust import TrustStore
 
@@ -55,6 +64,9 @@ MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
 PAYLOAD_PREFIX = "payload/"
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+MAX_SIGNATURE_BYTES = 4096  # the signature entry is about 150 bytes of JSON
+MAX_PAX_HEADER_BYTES = 64 * 1024  # the writer emits pax records only for long or non-ASCII paths
+_SHA256_HEX = frozenset("0123456789abcdef")
 MAX_FILES = 20_000
 DEFAULT_MAX_EXPANDED_BYTES = 8 * 1024**3
 _RESERVED = {MANIFEST_NAME, SIGNATURE_NAME}
@@ -151,8 +163,7 @@ class BundleManifest:
                 f"(this edgedeploy reads version {FORMAT_VERSION}); upgrade edgedeploy"
             )
         try:
-            files = [FileEntry(str(f["path"]), str(f["sha256"]), int(f["size"]), str(f.get("role", "data")))
-                     for f in doc["files"]]
+            files = [_file_entry(f) for f in doc["files"]]
             manifest = cls(
                 model=dict(doc["model"]),
                 profile=dict(doc["profile"]),
@@ -167,13 +178,22 @@ class BundleManifest:
                 files=files,
                 created_by=str(doc.get("created_by", "")),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError, ValidationError) as exc:
             raise BundleError(f"malformed bundle manifest: {exc!r}") from None
         for entry in manifest.files:
             check_payload_path(entry.path)
         if len({f.path for f in manifest.files}) != len(manifest.files):
             raise UnsafeArchiveError("the manifest lists a file twice")
         return manifest
+
+
+def _file_entry(doc: Mapping[str, Any]) -> FileEntry:
+    size, sha256 = doc["size"], str(doc["sha256"])
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError(f"file size {brief(size, 40)} is not a non-negative integer")
+    if len(sha256) != 64 or not set(sha256) <= _SHA256_HEX:
+        raise ValueError(f"file sha256 {brief(sha256, 80)!r} is not 64 lower-case hex digits")
+    return FileEntry(str(doc["path"]), sha256, size, str(doc.get("role", "data")))
 
 
 @dataclass(frozen=True)
@@ -227,29 +247,52 @@ def bundle_sha256(path: Path) -> str:
 
 
 
-def _read_small(tar: tarfile.TarFile, member: tarfile.TarInfo, expected: str) -> bytes:
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A tar header that refuses, before reading any of its data, the extended headers a bundle never has.
+
+    ``tarfile`` reads a GNU long name or a pax header into memory whole: a 1 GiB one compresses
+    to about 1 MB. The writer emits ustar headers and, for long paths only, small pax headers.
+    """
+
+    def _proc_member(self, archive: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+        if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK,
+                         tarfile.GNUTYPE_SPARSE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE):
+            raise UnsafeArchiveError(
+                f"the bundle holds a tar header of type {self.type!r} (GNU or global extension), "
+                "which edgedeploy bundles never contain"
+            )
+        if self.type == tarfile.XHDTYPE and self.size > MAX_PAX_HEADER_BYTES:
+            raise UnsafeArchiveError(
+                f"the bundle holds a pax header of {self.size} bytes (limit {MAX_PAX_HEADER_BYTES})"
+            )
+        return super()._proc_member(archive)  # type: ignore[misc]
+
+
+def _read_small(tar: tarfile.TarFile, member: tarfile.TarInfo, expected: str, limit: int) -> bytes:
     if member.name != expected:
-        raise SignatureError(f"bundle entry {expected!r} is missing (found {member.name!r}); is it signed?")
+        raise SignatureError(
+            f"bundle entry {expected!r} is missing (found {brief(member.name, 200)!r}); is it signed?"
+        )
     if not member.isreg():
         raise UnsafeArchiveError(f"{expected} is not a regular file")
-    if member.size > MAX_MANIFEST_BYTES:
-        raise BundleError(f"{expected} is larger than {MAX_MANIFEST_BYTES} bytes")
+    if member.size > limit:
+        raise BundleError(f"{expected} is {member.size} bytes, over the limit of {limit}")
     handle = tar.extractfile(member)
     assert handle is not None
-    return handle.read()
+    return handle.read(limit + 1)
 
 
 def _check_signature(manifest_bytes: bytes, sig_bytes: bytes, trust: TrustStore) -> SignatureInfo:
     try:
-        sig = json.loads(sig_bytes)
+        sig = loads_bounded(sig_bytes, MAX_SIGNATURE_BYTES, max_depth=2, what="the bundle's signature entry")
         key_id = str(sig["key_id"])
         signature = base64.b64decode(sig["signature"], validate=True)
         if sig.get("algorithm") != "ed25519":
-            raise SignatureError(f"unsupported signature algorithm {sig.get('algorithm')!r}")
-    except (ValueError, KeyError, TypeError):
+            raise SignatureError(f"unsupported signature algorithm {brief(sig.get('algorithm'), 40)!r}")
+    except (ValidationError, ValueError, KeyError, TypeError):
         raise SignatureError("the bundle's signature entry is malformed") from None
     if key_id not in trust:
-        return SignatureInfo(key_id, trusted=False, valid=False)
+        return SignatureInfo(brief(key_id, 64), trusted=False, valid=False)
     return SignatureInfo(key_id, trusted=True, valid=trust.verify(key_id, signature, manifest_bytes))
 
 
@@ -265,9 +308,9 @@ def _require_trusted(info: SignatureInfo) -> None:
 
 def _parse_manifest(manifest_bytes: bytes) -> BundleManifest:
     try:
-        document = json.loads(manifest_bytes)
-    except ValueError:
-        raise BundleError("the bundle manifest is not valid JSON") from None
+        document = loads_bounded(manifest_bytes, MAX_MANIFEST_BYTES, what="the bundle manifest")
+    except ValidationError as exc:
+        raise BundleError(str(exc)) from None
     return BundleManifest.from_dict(document)
 
 
@@ -275,24 +318,32 @@ def _open_tar(path: Path) -> tarfile.TarFile:
     if not path.is_file():
         raise NotFoundError(f"bundle not found: {path}")
     try:
-        return tarfile.open(path, mode="r|gz")
+        return tarfile.open(path, mode="r|gz", tarinfo=_BoundedTarInfo)
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise BundleError(f"{path} is not a bundle (not a gzip tar archive: {exc})") from None
 
 
-def _head(tar: tarfile.TarFile, trust: TrustStore | None) -> tuple[BundleManifest, SignatureInfo]:
+def _head(
+    tar: tarfile.TarFile, trust: TrustStore | None, require_trusted: bool
+) -> tuple[BundleManifest, SignatureInfo]:
+    """Read the manifest and signature as raw bytes, check the signature, then parse the manifest.
+
+    With ``require_trusted`` an untrusted or bad signature is refused before the manifest is parsed.
+    """
     try:
         first = tar.next()
         if first is None:
             raise BundleError("the bundle is empty")
-        manifest_bytes = _read_small(tar, first, MANIFEST_NAME)
+        manifest_bytes = _read_small(tar, first, MANIFEST_NAME, MAX_MANIFEST_BYTES)
         second = tar.next()
         if second is None:
             raise SignatureError("the bundle has no signature (manifest.sig)")
-        sig_bytes = _read_small(tar, second, SIGNATURE_NAME)
+        sig_bytes = _read_small(tar, second, SIGNATURE_NAME, MAX_SIGNATURE_BYTES)
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         raise BundleError(f"the bundle is truncated or corrupt: {exc}") from None
     info = _check_signature(manifest_bytes, sig_bytes, trust if trust is not None else TrustStore.local())
+    if require_trusted:
+        _require_trusted(info)
     return _parse_manifest(manifest_bytes), info
 
 
@@ -303,7 +354,7 @@ def read_manifest(path: Path, trust: TrustStore | None = None) -> tuple[BundleMa
     shows it). Use :func:`verify_bundle` or :func:`open_bundle` before trusting anything.
     """
     with _open_tar(Path(path)) as tar:
-        return _head(tar, trust)
+        return _head(tar, trust, require_trusted=False)
 
 
 def _iter_payload(
@@ -322,7 +373,7 @@ def _iter_payload(
     try:
         while (member := tar.next()) is not None:
             if not member.name.startswith(PAYLOAD_PREFIX):
-                raise UnsafeArchiveError(f"unexpected entry {member.name!r} outside payload/")
+                raise UnsafeArchiveError(f"unexpected entry {brief(member.name, 200)!r} outside payload/")
             path = member.name[len(PAYLOAD_PREFIX):]
             check_payload_path(path)
             if not member.isreg():
@@ -365,8 +416,7 @@ def _walk(
     on_file: Callable[[FileEntry, IO[bytes]], None],
 ) -> BundleManifest:
     with _open_tar(Path(path)) as tar:
-        manifest, info = _head(tar, trust)
-        _require_trusted(info)
+        manifest, _ = _head(tar, trust, require_trusted=True)
         for entry, handle in _iter_payload(tar, manifest, max_expanded_bytes):
             on_file(entry, handle)
     return manifest
@@ -414,7 +464,7 @@ def open_bundle(
         with _open_tar(Path(path)) as tar:
             first = tar.next()
             assert first is not None
-            (root / MANIFEST_NAME).write_bytes(_read_small(tar, first, MANIFEST_NAME))
+            (root / MANIFEST_NAME).write_bytes(_read_small(tar, first, MANIFEST_NAME, MAX_MANIFEST_BYTES))
     except BaseException:
         _remove_contents(dest if existed else created, keep_root=existed)
         raise

@@ -1,4 +1,4 @@
-"""The bundle format (packager/bundle.py): reproducible, signed, and refusing every tampered archive.
+"""The bundle format (edge_agent/bundle.py, written by packager/bundle.py): signed and tamper-evident.
 
 Forged archives are built with tarfile directly, the way an attacker would, and each refusal is
 checked for its error type and for leaving nothing behind.
