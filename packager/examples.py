@@ -37,10 +37,11 @@ def digits_data(seed: int = 0) -> DigitsData:
     return DigitsData(x[train], y[train], x[test], y[test])
 
 
-def build_digits_mlp(out: Path, hidden: int = 64, seed: int = 0) -> Path:
+def build_digits_mlp(out: Path, hidden: int = 64, seed: int = 0, zipmap: bool = False) -> Path:
     """Train a 64-hidden-unit MLP on digits and write it as ONNX (input ``input`` [N,64] float32).
 
-    Outputs ``label`` (int64 [N]) and ``probabilities`` (float32 [N,10]), no ZipMap.
+    Outputs ``label`` (int64 [N]) and ``probabilities`` (float32 [N,10]); with ``zipmap``, skl2onnx's
+    default ``output_label`` (int64 [N]) and ``output_probability`` (one ``{class: probability}`` per sample).
     """
     from skl2onnx import to_onnx
     from sklearn.neural_network import MLPClassifier
@@ -48,7 +49,7 @@ def build_digits_mlp(out: Path, hidden: int = 64, seed: int = 0) -> Path:
     data = digits_data(seed)
     clf = MLPClassifier(hidden_layer_sizes=(hidden,), max_iter=400, random_state=seed)
     clf.fit(data.x_train, data.y_train)
-    onx = to_onnx(clf, data.x_train[:1], options={id(clf): {"zipmap": False}},
+    onx = to_onnx(clf, data.x_train[:1], options={id(clf): {"zipmap": zipmap}},
                   initial_types=None, target_opset=17)
     _rename_input(onx, "input")
     out = Path(out)

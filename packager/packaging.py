@@ -215,12 +215,12 @@ def _package_fpga(
     payload: dict[str, PayloadSource], roles: dict[str, str],
 ) -> tuple[dict[str, Any], list[TensorSpec], list[TensorSpec], dict[str, Any], dict[str, Any]]:
     """Compile for the profile's FPGA (see :mod:`packager.fpga.stage`); the source model rides along."""
-    from packager.fpga.stage import compile_for_profile
+    from packager.fpga.stage import compile_for_profile, input_specs
 
     if opts.quantize not in (None, "none"):
         raise UsageError(f"--quantize does not apply to {device.name}: its compiler chooses fixed-point or int8 "
                          "types itself from the calibration set")
-    inputs, outputs = describe_io(model.path)
+    inputs = input_specs(model.path)
     names = [s.name for s in inputs]
     calibration = None
     if opts.calibration is not None:
@@ -238,7 +238,7 @@ def _package_fpga(
     for path, source in stage.payload.items():
         payload[path], roles[path] = source, "accelerator"
     report = {"quantization": "none", "precision": stage.runtime["precision"], "accelerator": stage.report}
-    return stage.runtime, inputs, outputs, report, stage.accelerator
+    return stage.runtime, inputs, stage.outputs, report, stage.accelerator
 
 
 def _stored_report(report: dict[str, Any], reproducible: bool) -> dict[str, Any]:

@@ -21,11 +21,12 @@ from onnx import TensorProto, helper
 from edge_agent.bundle import open_bundle
 from edge_agent.errors import BundleError, PackagingError, UsageError
 from edge_agent.fpga.csim import CSimModel
-from packager.examples import build_digits_dense_mlp
+from packager.examples import build_digits_dense_mlp, build_digits_mlp
 from packager.fpga.fixed import FirmwareReference, FixedType, parse_fixed, to_fixed, to_fixed_as_written
 from packager.fpga.hls import HLS_WIDTHS, compile_hls, firmware_layout, float_forward
 from packager.fpga.lower import Conv2D, Dense, Flatten, MaxPool2D, Relu, Softmax, lower_onnx
 from packager.packaging import package
+from tests.fpga_serving import check_served_like_onnxruntime
 from tests.servers import post_json, serving
 
 pytest.importorskip("hls4ml")
@@ -98,13 +99,6 @@ def test_lowering_reads_matmul_add_and_reshape_as_exported(tmp_path: Path) -> No
     inits[0] = onnx.numpy_helper.from_array(np.array([-1, 8, 8], np.int64), "shape")
     with pytest.raises(PackagingError, match="not a flatten"):
         lower_onnx(_graph(nodes, inits, tmp_path / "reshape3d.onnx"))
-
-
-def test_unsupported_operators_are_all_listed(digits_mlp: Path) -> None:
-    with pytest.raises(PackagingError) as refused:
-        lower_onnx(digits_mlp)  # skl2onnx's graph: ArgMax, Cast, ... besides the dense layers
-    message = str(refused.value)
-    assert "do not support: ArgMax, ArrayFeatureExtractor, Cast, Identity (supported: Add, Conv" in message
 
 
 def test_ap_fixed_conversion_truncates_and_wraps() -> None:
@@ -338,3 +332,30 @@ def test_the_same_model_gives_the_same_firmware_bytes(dense_mlp: Path, digits, f
 
     again = compile_hls(dense_mlp, digits.x_train[:500], tmp_path / "again", part=PART)
     assert tree_sha256(again.project) == tree_sha256(firmware.project)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "packager.cli.main", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("zipmap", [False, True], ids=["probabilities", "zipmap"])
+def test_the_readme_commands_package_and_serve_the_skl2onnx_model(zipmap: bool, digits, signing_key,  # type: ignore[no-untyped-def]
+                                                                  tmp_path: Path) -> None:
+    """The README's digits MLP as skl2onnx writes it: packaged by the CLI, served as onnxruntime serves it."""
+    source = build_digits_mlp(tmp_path / "digits.onnx", zipmap=zipmap)
+    np.savez(tmp_path / "calib.npz", input=digits.x_train[:400])
+    np.savez(tmp_path / "val.npz", input=digits.x_test, label=digits.y_test)
+    assert _cli("model", "register", "digits", str(source)).returncode == 0
+    bundle = tmp_path / "digits-fpga.edb"
+    done = _cli("package", "digits", "--profile", "fpga-emulator", "-o", str(bundle), "--calibration",
+                str(tmp_path / "calib.npz"), "--validation", str(tmp_path / "val.npz"))
+    assert done.returncode == 0, done.stderr
+    unpacked = tmp_path / "unpacked"
+    manifest = open_bundle(bundle, unpacked)
+    outputs = [o.name for o in ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).get_outputs()]
+    assert [o.name for o in manifest.outputs] == outputs
+    logits = FirmwareReference(unpacked / "accelerator" / "firmware").predict(digits.x_test)
+    with serving(tmp_path / "work", [bundle]) as server:
+        agreement = check_served_like_onnxruntime(server, source, digits.x_test, logits,
+                                                  manifest.report["accelerator"])
+    assert agreement >= 0.95

@@ -17,7 +17,8 @@ import numpy as np
 from edge_agent.bundle import BundleManifest
 from edge_agent.errors import BundleError
 from edge_agent.fpga.csim import CSimModel
-from edge_agent.runtime.base import ModelInfo, TensorScoring
+from edge_agent.fpga.postprocess import HostOutputs
+from edge_agent.runtime.base import ModelInfo, TensorScoring, validate_inputs
 
 __all__ = ["FirmwareModel", "fpga_cache_dir", "load", "softmax"]
 
@@ -40,7 +41,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class FirmwareModel(TensorScoring):
-    """Named tensors in, the firmware's outputs (softmaxed on the host when asked) out."""
+    """Named tensors in, the firmware's outputs (softmaxed, then labelled on the host when asked) out."""
 
     def __init__(self, simulation: Any, info: ModelInfo, host_softmax: bool, channels_last: bool = False) -> None:
         self.simulation = simulation
@@ -48,8 +49,9 @@ class FirmwareModel(TensorScoring):
         self.host_softmax = host_softmax
         self.channels_last = channels_last  # [N, C, H, W] requests, channels-last firmware
         self.inline = False
-        if len(info.inputs) != 1 or len(info.outputs) != 1:
-            raise BundleError("an FPGA bundle has exactly one input and one output tensor")
+        if len(info.inputs) != 1:
+            raise BundleError("an FPGA bundle has exactly one input tensor")
+        self.host_outputs = HostOutputs.from_runtime(info.manifest.runtime, info.outputs)
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         x = np.asarray(inputs[self.info.inputs[0].name])
@@ -57,7 +59,14 @@ class FirmwareModel(TensorScoring):
             x = x.transpose(0, 2, 3, 1)
         values = self.simulation.predict(x.reshape(len(x), -1))
         result = softmax(values) if self.host_softmax else values.astype(np.float32)
-        return {self.info.outputs[0].name: result}
+        return self.host_outputs.compute(result)
+
+    def score(self, body: Any, content_type: str) -> Any:
+        """As :meth:`TensorScoring.score`, with ZipMap outputs as onnxruntime's list of dicts."""
+        from edge_agent.runtime.onnx import parse_score_body
+
+        named = parse_score_body(body, [spec.name for spec in self.info.inputs])
+        return self.host_outputs.to_json(self.infer(validate_inputs(self.info.inputs, named)))
 
     def unload(self) -> None:
         self.simulation = None
