@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -18,10 +19,11 @@ from edge_agent.bundle import open_bundle
 from edge_agent.errors import BundleError, InvalidInputError, PackagingError
 from edge_agent.fpga.loaders import decode_frame, encode_frame
 from edge_agent.fpga.verilator_sim import VerilatorModel
-from packager.examples import DigitsData, build_digits_dense_mlp
+from packager.examples import DigitsData, build_digits_dense_mlp, build_digits_mlp
 from packager.fpga.ice40 import Bitstream, build_bitstream, generate_verilog, run_testbench, write_hex
 from packager.fpga.int8 import QuantizedMLP, _multiplier, quantize_layers, quantize_mlp, reference, requantize_int
 from packager.packaging import package
+from tests.fpga_serving import check_served_like_onnxruntime
 from tests.servers import post_json, serving
 
 TOOLS = ("iverilog", "vvp", "verilator", "yosys", "nextpnr-ice40", "icepack")
@@ -276,3 +278,33 @@ def test_package_and_serve_the_ice40_bundle(digits: DigitsData, signing_key, onn
     assert libraries and not list((tmp_path / "work").rglob("*.so"))  # served from that cache, nothing else
     served = np.asarray(answer["probabilities"]).argmax(1)
     assert served.tolist() == quantize_mlp(onnx_model, digits.x_train).predict(digits.x_test[:16]).argmax(1).tolist()
+
+
+@pytest.fixture(scope="module")
+def skl2onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One verilator cache for both skl2onnx exports: they have the same weights, so the same RTL."""
+    return tmp_path_factory.mktemp("skl2onnx-verilator-cache")
+
+
+@pytest.mark.parametrize("zipmap", [False, True], ids=["probabilities", "zipmap"])
+def test_the_readme_commands_package_and_serve_the_skl2onnx_model(zipmap: bool, digits: DigitsData, signing_key,  # type: ignore[no-untyped-def]
+                                                                  skl2onnx_cache: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's digits MLP as skl2onnx writes it, on the iCE40 flow: served as onnxruntime serves it."""
+    monkeypatch.setenv("EDGEDEPLOY_FPGA_CACHE", str(skl2onnx_cache))
+    source = build_digits_mlp(tmp_path / "digits.onnx", zipmap=zipmap)
+    np.savez(tmp_path / "calib.npz", input=digits.x_train[:400])
+    np.savez(tmp_path / "val.npz", input=digits.x_test, label=digits.y_test)
+    command = [sys.executable, "-m", "packager.cli.main"]
+    assert subprocess.run([*command, "model", "register", "digits", str(source)], capture_output=True).returncode == 0
+    bundle = tmp_path / "digits-ice40.edb"
+    done = subprocess.run([*command, "package", "digits", "--profile", "lattice-ice40-up5k", "-o", str(bundle),
+                           "--calibration", str(tmp_path / "calib.npz"), "--validation", str(tmp_path / "val.npz")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    manifest = open_bundle(bundle, tmp_path / "unpacked")
+    logits = quantize_mlp(source, digits.x_train[:400]).predict(digits.x_test)
+    with serving(tmp_path / "work", [bundle]) as server:
+        agreement = check_served_like_onnxruntime(server, source, digits.x_test, logits,
+                                                  manifest.report["accelerator"])
+    assert agreement >= 0.95
