@@ -171,3 +171,12 @@ def test_other_operators_are_still_listed_all_at_once(tmp_path: Path) -> None:
 def test_a_malformed_host_outputs_section_is_a_bundle_error(runtime: dict[str, object]) -> None:
     with pytest.raises(BundleError, match="host_outputs"):
         HostOutputs.from_runtime(runtime, [TensorSpec("label", "INT64", (-1,))])
+
+
+def test_a_bundle_without_host_outputs_serves_its_one_output_unchanged() -> None:
+    """Bundles packaged before host_outputs existed: the chain's output is the model's one output."""
+    host = HostOutputs.from_runtime({}, [TensorSpec("probabilities", "FP32", (-1, 3))])
+    values = np.array([[0.2, 0.5, 0.3]], np.float32)
+    assert host.to_json(host.compute(values)) == {"probabilities": values.tolist()}
+    with pytest.raises(BundleError, match="exactly one output"):
+        HostOutputs.from_runtime({}, [TensorSpec("a", "FP32", (-1,)), TensorSpec("b", "FP32", (-1,))])

@@ -118,12 +118,8 @@ def lower_onnx(model: onnx.ModelProto | str | Path) -> list[Layer]:
 
 def lower_model(model: onnx.ModelProto | str | Path) -> LoweredModel:
     """The layer chain and how the host turns its output into the model's outputs (see the module doc)."""
-    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
-    graph = proto.graph
-    consts = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    graph = (model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))).graph
+    consts = _constants(graph)
     nodes = [n for n in graph.node if n.op_type != "Constant"]
     known = SUPPORTED_OPS + NO_OP_OPS + HOST_OPS
     unsupported = sorted({n.op_type for n in nodes if n.op_type not in known})
@@ -144,6 +140,15 @@ def lower_model(model: onnx.ModelProto | str | Path) -> LoweredModel:
     host = _host_outputs(graph, [nodes[index] for index in sorted(tail)], consts, last)
     _check_classes(host, layers)
     return LoweredModel(layers, host)
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Initializers and ``Constant`` outputs by name."""
+    consts = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return consts
 
 
 def _tail(nodes: list[onnx.NodeProto]) -> set[int]:
