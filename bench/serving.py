@@ -204,7 +204,7 @@ def _bundle(model: Path, folder: Path, batching: dict[str, Any] | None) -> Path:
     if not (folder / "home" / "keys" / "default.key").exists():
         generate_key()
     return package(model, "cpu-x86_64", folder / f"{model.stem}.edb", quantize="none", batching=batching,
-                   name="digits" if "digits" in model.stem else model.stem, reproducible=True).bundle_path
+                   name="digits" if "digits" in model.stem else model.stem).bundle_path
 
 
 def _conv_model(folder: Path) -> Path | None:

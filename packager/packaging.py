@@ -3,6 +3,10 @@
 Stages, each its own function: resolve the model → optimize (onnxruntime, offline) → quantize →
 validate against fp32 (refuse a drop over the limit unless forced) → measure → write and sign.
 A model that is not ONNX (a pickled estimator, a folder) is carried as is for an entry script.
+
+Bundles are reproducible: the same inputs and key give the same bytes. What cannot be reproduced,
+the latencies measured while packaging, stays out of the signed manifest; it is returned in
+``PackageResult.report`` (which the CLI prints) and kept in the side report ``BUNDLE.report.json``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.atomic import atomic_write_json
 from edge_agent.bundle import BundleManifest, canonical_json, tree_sha256
 from edge_agent.errors import AccuracyError, NotFoundError, UsageError, ValidationError
 from edge_agent.profiles import DeviceProfile, load_profile
@@ -28,10 +33,12 @@ from packager.optimize import describe_io, operator_counts, optimize_model
 from packager.quantize import PRECISION_OF, QUANTIZATIONS, quantize_model
 from packager.samples import load_arrays, load_sample, match_inputs, sample_to_inputs, split_labels
 
-__all__ = ["PackageResult", "ResolvedModel", "package", "parse_batching", "resolve_model"]
+__all__ = ["PackageResult", "ResolvedModel", "package", "parse_batching", "resolve_model", "side_report_path"]
 
 Progress = Callable[[str], AbstractContextManager[None]]
 _SERVED_BACKENDS = ("onnxruntime", "hls4ml", "ice40")
+# what the signed report says in place of the measured timings (no path: it would vary with -o)
+_TIMINGS_NOTE = "measured while packaging, not signed: printed, and kept in the side report BUNDLE.report.json"
 
 
 @dataclass(frozen=True)
@@ -48,12 +55,17 @@ class ResolvedModel:
 
 @dataclass(frozen=True)
 class PackageResult:
-    """What ``package`` produced: the bundle file, its sha256, manifest and report."""
+    """What ``package`` produced: the bundle file, its sha256, manifest and the full report.
+
+    ``report`` includes the measured timings that the signed ``manifest.report`` leaves out; the side
+    report at ``report_path`` keeps them beside the bundle.
+    """
 
     bundle_path: Path
     sha256: str
     manifest: BundleManifest
     report: dict[str, Any]
+    report_path: Path
 
 
 def resolve_model(model: str | Path, name: str | None = None) -> ResolvedModel:
@@ -167,7 +179,6 @@ class _Options:
     validation: Path | None
     max_accuracy_drop: float
     force: bool
-    reproducible: bool
     input_sample: Path | None
     output_sample: Path | None
 
@@ -241,15 +252,29 @@ def _package_fpga(
     return stage.runtime, inputs, stage.outputs, report, stage.accelerator
 
 
-def _stored_report(report: dict[str, Any], reproducible: bool) -> dict[str, Any]:
-    """The report kept in the bundle: without timings when the bundle must be reproducible."""
-    if not reproducible:
-        return report
+def _signed_report(report: dict[str, Any]) -> dict[str, Any]:
+    """The report kept in the signed manifest: everything but the timings, which differ on every run."""
     stored = json.loads(json.dumps(report))
+    timed = False
     for side in ("before", "after"):
-        stored.get(side, {}).pop("latency_ms", None)
-    stored["timings"] = "omitted: --reproducible"
+        timed = stored.get(side, {}).pop("latency_ms", None) is not None or timed
+    if timed:
+        stored["timings"] = _TIMINGS_NOTE
     return stored
+
+
+def side_report_path(bundle: str | Path) -> Path:
+    """Where the packaging report with its timings is kept: ``BUNDLE.report.json`` beside the bundle."""
+    bundle = Path(bundle)
+    return bundle.with_name(bundle.name + ".report.json")
+
+
+def _write_side_report(bundle: Path, digest: str, manifest: BundleManifest, report: dict[str, Any]) -> Path:
+    path = side_report_path(bundle)
+    document = {"bundle_sha256": digest, "model": manifest.model, "profile": manifest.profile_name,
+                "report": report}
+    atomic_write_json(path, document)
+    return path
 
 
 def _output_sample(packaged: Path, sample: Any, inputs: list[TensorSpec]) -> dict[str, Any]:
@@ -311,11 +336,16 @@ def package(
     output_sample: str | Path | None = None,
     batching: dict[str, Any] | None = None,
     key_name: str | None = None,
-    reproducible: bool = False,
+    reproducible: bool = True,
     name: str | None = None,
     progress: Progress | None = None,
 ) -> PackageResult:
-    """Package ``model`` (a path or ``NAME[:VERSION]``) for ``profile`` into the bundle ``out``."""
+    """Package ``model`` (a path or ``NAME[:VERSION]``) for ``profile`` into the bundle ``out``.
+
+    Every bundle is reproducible; ``reproducible`` is accepted for callers written when it was an
+    option and changes nothing. The measured timings are in the result's ``report`` and side report.
+    """
+    del reproducible  # always: timings never enter the signed manifest
     step: Progress = progress or (lambda _label: nullcontext())
     key = load_signing_key(key_name)
     device = load_profile(profile)
@@ -326,7 +356,7 @@ def package(
         raise UsageError("--max-accuracy-drop must be zero or more points")
     resolved = resolve_model(model, name)
     opts = _Options(quantize, _opt_path(calibration), _opt_path(validation), max_accuracy_drop, force,
-                    reproducible, _opt_path(input_sample), _opt_path(output_sample))
+                    _opt_path(input_sample), _opt_path(output_sample))
     with tempfile.TemporaryDirectory(prefix="edgedeploy-package-") as tmp:
         return _build(resolved, device, opts, Path(tmp), Path(out), key, step,
                       _opt_path(entry_script), _opt_path(source_dir), _opt_path(requirements), batching)
@@ -374,11 +404,11 @@ def _build(
     manifest = BundleManifest(
         model=model.info, profile=device.to_dict(), runtime=runtime, inputs=inputs, outputs=outputs,
         entry_script=entry_doc, samples=samples, batching=batching, accelerator=accelerator,
-        report=_stored_report(report, opts.reproducible), created_by=f"edgedeploy {_version()}",
+        report=_signed_report(report), created_by=f"edgedeploy {_version()}",
     )
     with step("signing and writing the bundle"):
         digest = write_bundle(out, manifest, payload, key, roles)
-    return PackageResult(out, digest, manifest, report)
+    return PackageResult(out, digest, manifest, report, _write_side_report(out, digest, manifest, report))
 
 
 def _samples(

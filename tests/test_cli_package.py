@@ -32,6 +32,20 @@ def test_package_prints_the_report_and_writes_a_verified_bundle(
     assert shown["report"]["precision"] == "fp16" and len(shown["sha256"]) == 64
 
 
+def test_package_twice_gives_the_same_bytes_and_prints_where_the_timings_are(
+    digits_mlp: Path, signing_key: SigningKey, tmp_path: Path
+) -> None:
+    assert cli("model", "register", "digits", str(digits_mlp)).returncode == 0
+    first = cli("package", "digits:1", "--profile", "cpu-x86_64", "-o", str(tmp_path / "a.edb"))
+    # --reproducible is the default now and still accepted, so scripts that pass it keep working
+    second = cli("package", "digits:1", "--profile", "cpu-x86_64", "-o", str(tmp_path / "b.edb"), "--reproducible")
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert (tmp_path / "a.edb").read_bytes() == (tmp_path / "b.edb").read_bytes()
+    assert f"the report with its timings (not signed): {tmp_path / 'a.edb.report.json'}" in first.stdout
+    side = json.loads((tmp_path / "a.edb.report.json").read_text())
+    assert side["report"]["after"]["latency_ms"] > 0
+
+
 @pytest.mark.parametrize(
     ("args", "code", "text"),
     [

@@ -57,7 +57,7 @@ def test_every_precision_packages_runs_and_keeps_accuracy(
     assert report["validation"]["metric"] == "accuracy"
     assert report["validation"]["drop"] <= 1.0
     assert abs(_accuracy(tmp_path / "out", digits) - report["validation"]["packaged"]) < 1e-3
-    assert report["before"]["latency_ms"] > 0 and report["after"]["operators"]
+    assert result.report["before"]["latency_ms"] > 0 and report["after"]["operators"]
     ratio = report["before"]["size"] / report["after"]["size"]
     # int8 weights are a quarter of fp32 (the bench reports the exact ratios); fp16 about half
     assert ratio >= {"none": 0.9, "fp16": 1.8}.get(mode, 3.0)
@@ -105,13 +105,36 @@ def test_reproducible_bundles_are_byte_identical(
     digits_mlp: Path, datasets: dict[str, Path], signing_key: SigningKey, tmp_path: Path
 ) -> None:
     options = dict(quantize="static-int8", calibration=datasets["calibration"], validation=datasets["validation"],
-                   input_sample=datasets["sample"], reproducible=True)
+                   input_sample=datasets["sample"])
     first = package(digits_mlp, "cpu-x86_64", tmp_path / "a.edb", **options)
     second = package(digits_mlp, "cpu-x86_64", tmp_path / "b.edb", **options)
     assert first.sha256 == second.sha256
     assert (tmp_path / "a.edb").read_bytes() == (tmp_path / "b.edb").read_bytes()
     assert "latency_ms" not in first.manifest.report["after"]
     assert first.report["after"]["latency_ms"] > 0  # still measured and returned
+
+
+def test_two_packagings_of_a_registered_model_are_byte_identical_with_no_flag(
+    digits_mlp: Path, signing_key: SigningKey, tmp_path: Path
+) -> None:
+    register_model("digits", digits_mlp)
+    first = package("digits:1", "cpu-x86_64", tmp_path / "one" / "d.edb", quantize="dynamic-int8")
+    second = package("digits", "cpu-x86_64", tmp_path / "two" / "d.edb", quantize="dynamic-int8")
+    assert first.bundle_path.read_bytes() == second.bundle_path.read_bytes()
+    signed = verify_bundle(first.bundle_path).report
+    assert "latency_ms" not in signed["before"] and "latency_ms" not in signed["after"]
+    assert "not signed" in signed["timings"]
+
+
+def test_measured_timings_are_kept_in_a_side_report_beside_the_bundle(
+    digits_mlp: Path, signing_key: SigningKey, tmp_path: Path
+) -> None:
+    result = package(digits_mlp, "cpu-x86_64", tmp_path / "m.edb", quantize="none")
+    assert result.report_path == tmp_path / "m.edb.report.json"
+    side = json.loads(result.report_path.read_text())
+    assert side["bundle_sha256"] == result.sha256 and side["profile"] == "cpu-x86_64"
+    assert side["report"]["after"]["latency_ms"] > 0 and side["report"] == result.report
+    assert side["report"]["after"]["operators"] == result.manifest.report["after"]["operators"]
 
 
 def test_samples_are_stored_and_the_output_sample_computed(

@@ -31,8 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batching", type=parse_batching, metavar="max_batch=32,max_delay_us=500,preferred=8;16")
     parser.add_argument("--name", help="model name in the bundle (default: the registered name or file stem)")
     parser.add_argument("--key", dest="key_name", help="signing key name (default: 'default')")
+    # bundles are always reproducible now; the flag stays so that scripts using it keep working
     parser.add_argument("--reproducible", action="store_true",
-                        help="keep measured timings out of the bundle so the same inputs give the same bytes")
+                        help="no effect: measured timings never enter the bundle, the same inputs give the same bytes")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(func=_package)
 
@@ -43,13 +44,14 @@ def _package(args: argparse.Namespace) -> int:
         validation=args.validation, max_accuracy_drop=args.max_accuracy_drop, force=args.force,
         entry_script=args.entry_script, source_dir=args.source_dir, requirements=args.requirements,
         input_sample=args.input_sample, output_sample=args.output_sample, batching=args.batching,
-        key_name=args.key_name, reproducible=args.reproducible, name=args.name, progress=progress,
+        key_name=args.key_name, name=args.name, progress=progress,
     )
     if args.json:
         print_json({"bundle": str(result.bundle_path), "sha256": result.sha256,
                     "model": result.manifest.model, "profile": result.manifest.profile_name,
-                    "report": result.report})
+                    "report": result.report, "report_path": str(result.report_path)})
         return 0
     print(format_report(result.report))
     print(f"\nwrote {result.bundle_path} (sha256 {result.sha256})")
+    print(f"the report with its timings (not signed): {result.report_path}")
     return 0
