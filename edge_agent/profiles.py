@@ -1,9 +1,10 @@
 """Device profiles: YAML documents that say what a kind of device can run.
 
 Profiles are data, not code. They are looked up by name in, in order: the folders in
-``$EDGEDEPLOY_PROFILES`` (``:``-separated), ``$EDGEDEPLOY_HOME/profiles``, and the project's
-``device-profiles/`` folder. Every profile is validated against ``device-profiles/schema.json``;
-an invalid one is refused with the path of the bad field.
+``$EDGEDEPLOY_PROFILES`` (``:``-separated), ``$EDGEDEPLOY_HOME/profiles``, and the built-in
+profiles: the repository's ``device-profiles/`` folder in a checkout, which a wheel carries as
+``edge_agent/device_profiles/`` (see ``setup.py``). Every profile is validated against that folder's
+``schema.json``; an invalid one is refused with the path of the bad field.
 """
 
 from __future__ import annotations
@@ -23,7 +24,17 @@ from edge_agent.home import edgedeploy_home
 
 __all__ = ["BUILTIN_PROFILES_DIR", "DeviceProfile", "list_profiles", "load_profile", "validate_profile"]
 
-BUILTIN_PROFILES_DIR = Path(__file__).resolve().parent.parent / "device-profiles"
+
+
+def _builtin_profiles_dir() -> Path:
+    """The repository's ``device-profiles/`` in a checkout, else the copy an installed wheel carries."""
+    checkout = Path(__file__).resolve().parent.parent / "device-profiles"
+    if (checkout / "schema.json").is_file():
+        return checkout
+    return Path(__file__).resolve().parent / "device_profiles"
+
+
+BUILTIN_PROFILES_DIR = _builtin_profiles_dir()
 _SCHEMA_PATH = BUILTIN_PROFILES_DIR / "schema.json"
 
 

@@ -163,7 +163,7 @@ class DockerTarget:
         spec.validate()
         try:
             self.client.ping()  # no engine: fail before anything is written
-        except DeploymentError:
+        except (DeploymentError, ModuleNotFoundError):  # a device install lacks the SDK: the CLI names the extra
             raise
         except Exception as exc:  # noqa: BLE001 - the SDK raises requests' and its own errors
             raise DeploymentError(f"no Docker engine answers ({exc}); set DOCKER_HOST") from None
