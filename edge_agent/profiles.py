@@ -25,7 +25,6 @@ from edge_agent.home import edgedeploy_home
 __all__ = ["BUILTIN_PROFILES_DIR", "DeviceProfile", "list_profiles", "load_profile", "validate_profile"]
 
 
-
 def _builtin_profiles_dir() -> Path:
     """The repository's ``device-profiles/`` in a checkout, else the copy an installed wheel carries."""
     checkout = Path(__file__).resolve().parent.parent / "device-profiles"

@@ -43,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(f"packager.cli.{group}")
         except ModuleNotFoundError as exc:
-            _register_unavailable(subparsers, group, _missing_extra(exc, group) or exc)
+            missing = _missing_extra(exc, group)
+            if missing is None:
+                raise
+            _register_unavailable(subparsers, group, missing)
             continue
         module.register(subparsers)
     return parser
@@ -59,10 +62,8 @@ def _missing_extra(exc: ModuleNotFoundError, command: str) -> EdgeDeployError | 
                            f"(a device install carries the agent only): pip install 'edgedeploy[{extra}]'")
 
 
-def _register_unavailable(subparsers: argparse._SubParsersAction, group: str, error: Exception) -> None:
+def _register_unavailable(subparsers: argparse._SubParsersAction, group: str, error: EdgeDeployError) -> None:
     """A command group whose module needs a missing library: any use of it reports that library's extra."""
-    if not isinstance(error, EdgeDeployError):
-        raise error
     # no option prefix: every word after the command is taken, so no usage error hides the real one
     parser = subparsers.add_parser(group, help=f"(not installed: {str(error).rpartition(': ')[2]})",
                                    add_help=False, prefix_chars="\0")
@@ -87,7 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return int(args.func(args) or 0)
         except ModuleNotFoundError as exc:
-            raise _missing_extra(exc, args.command) or exc from None
+            missing = _missing_extra(exc, args.command)
+            if missing is None:
+                raise
+            raise missing from None
 
     return exit_code_of(body)
 
