@@ -1,6 +1,9 @@
 """Device install benchmark: the project's wheel with the agent's dependencies only (``pip install
-edgedeploy``, no extra), its size on disk, and the idle RSS of ``edge-agent serve`` with one small
-model (the digits MLP), beside the same agent in the full development install (``.[dev]``).
+edgedeploy``, no extra), its size on disk, and the idle RSS of the agent with one small model, beside
+the same agent in the full development install (``.[dev]``). Three agents are measured: ``edge-agent
+serve`` of the digits MLP (onnxruntime) and of the small entry-script bundle ``bench/fleet.py`` rolls
+out, and the fleet daemon (``edge-agent --config``, private Mosquitto) after a rollout of that bundle,
+which is what ``bench/fleet.py``'s idle RSS per agent measures.
 
 The helpers here (``build_wheel``, ``install_device``, ``serving_agent``) are also what
 ``tests/test_lean_install.py`` runs, so the figures and the test describe the same install.
@@ -16,7 +19,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,49 +169,114 @@ def rest_infer(base: str, model: str, rows: list[list[float]]) -> dict[str, Any]
         return dict(json.loads(response.read()))
 
 
-def _package_digits(folder: Path) -> tuple[Path, Path, list[list[float]]]:
-    """The digits MLP packaged (fp32) and signed, its public key, and two input rows."""
+def _bundles(folder: Path) -> tuple[dict[str, Path], Path, list[list[float]]]:
+    """The digits MLP packaged (fp32) and the fleet bench's entry-script bundle, both signed; the public
+    key; two digits input rows."""
     from packager.examples import build_digits_mlp, digits_data
     from packager.keys import export_public_key, generate_key
     from packager.packaging import package
+    from tests.e2e.test_fleet import script_bundle
 
     os.environ["EDGEDEPLOY_HOME"] = str(folder / "home")
-    generate_key()
+    key = generate_key()
     model = build_digits_mlp(folder / "digits.onnx")
-    bundle = package(model, "cpu-x86_64", folder / "digits.edb", quantize="none", name="digits").bundle_path
+    digits = package(model, "cpu-x86_64", folder / "digits.edb", quantize="none", name="digits").bundle_path
     export_public_key(folder / "publisher.pub")
-    return bundle, folder / "publisher.pub", digits_data().x_test[:2].tolist()
+    bundles = {"digits": digits, "scorer": script_bundle(folder / "scorer.edb", key, 1)}
+    return bundles, folder / "publisher.pub", digits_data().x_test[:2].tolist()
 
 
-def _measure(label: str, python: Path, venv: Path, bundle: Path, key: Path, rows: list[list[float]],
+def _serve_rss(edge_agent: Path, bundle: Path, key: Path, workdir: Path, request: Callable[[str], Any]) -> float:
+    with serving_agent(edge_agent, bundle, key, workdir) as agent:
+        request(agent.http)
+        time.sleep(IDLE_S)  # the measurement is of the agent at rest
+        return agent.rss_mb()
+
+
+def _score(base: str) -> None:
+    request = urllib.request.Request(f"{base}/score", data=b'{"data": [[1.0, 2.0]]}',
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        response.read()
+
+
+def _daemon_rss(edge_agent: Path, bundle: Path, key: Path, workdir: Path) -> float:
+    """Idle RSS of ``edge-agent --config`` after a fleet rollout of ``bundle`` to it."""
+    import yaml
+
+    from packager.bundle_server import BundleServer
+    from packager.fleet import FleetController
+    from tests.e2e.conftest import Broker
+
+    workdir.mkdir(parents=True)
+    home = Path(os.environ["EDGEDEPLOY_HOME"])  # the packaging home: its trust store knows the signer
+    broker, server = Broker(workdir), BundleServer(port=0, home=home)
+    broker.start()
+    server.start()
+    config = workdir / "agent.yaml"
+    config.write_text(yaml.safe_dump({
+        "device_id": "dev-0", "profile": "cpu-x86_64", "groups": [], "tags": {}, "broker": broker.url,
+        "data_dir": str(workdir / "data"), "trusted_keys": [str(key)], "http_port": 0, "grpc_port": 0}))
+    with open(workdir / "agent.log", "wb") as log:
+        process = subprocess.Popen([str(edge_agent), "--config", str(config)], stdout=log,
+                                   stderr=subprocess.STDOUT, cwd=workdir, env=clean_env())
+    try:
+        with FleetController(broker.url, home=home) as ctl:
+            deadline = time.monotonic() + 60
+            while not any(d["online"] for d in ctl.devices()):
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError(f"the agent did not come online: {(workdir / 'agent.log').read_text()[-500:]}")
+                time.sleep(0.2)
+            rollout = ctl.rollout(bundle, "all", server.url, canary=1, wait=True, wave_timeout=120)
+            if ctl.status(rollout, advance=False)["succeeded"] != 1:
+                raise RuntimeError(f"the rollout to the agent failed: {ctl.status(rollout, advance=False)}")
+        time.sleep(IDLE_S)
+        return RunningAgent(process, 0, 0).rss_mb()
+    finally:
+        process.terminate()
+        process.wait(15)
+        server.stop()
+        broker.stop()
+
+
+def _measure(label: str, python: Path, venv: Path, bundles: dict[str, Path], key: Path, rows: list[list[float]],
              workdir: Path) -> dict[str, Any]:
     packages = installed_packages(python)
-    with serving_agent(python.parent / "edge-agent", bundle, key, workdir) as agent:
-        rest_infer(agent.http, "digits", rows)
-        time.sleep(IDLE_S)  # the measurement is of the agent at rest
-        rss = agent.rss_mb()
-    return {"install": label, "disk_mb": round(disk_mb(venv), 1), "packages": len(packages),
-            "cloud_side_packages": ",".join(sorted(packages & CLOUD_SIDE_PACKAGES)) or "none",
-            "agent_idle_rss_mb": round(rss, 1)}
+    edge_agent = python.parent / "edge-agent"
+    result: dict[str, Any] = {
+        "install": label, "disk_mb": round(disk_mb(venv), 1), "packages": len(packages),
+        "cloud_side_packages": ",".join(sorted(packages & CLOUD_SIDE_PACKAGES)) or "none",
+        "serve_digits_rss_mb": round(_serve_rss(edge_agent, bundles["digits"], key, workdir / "digits",
+                                                lambda base: rest_infer(base, "digits", rows)), 1),
+        "serve_scorer_rss_mb": round(_serve_rss(edge_agent, bundles["scorer"], key, workdir / "scorer", _score), 1),
+    }
+    try:
+        result["daemon_scorer_rss_mb"] = round(_daemon_rss(edge_agent, bundles["scorer"], key, workdir / "fleet"), 1)
+    except Exception as exc:  # noqa: BLE001 - no broker here must not hide the other figures
+        result["daemon_scorer_rss_mb"] = f"not measured: {exc}"
+    return result
 
 
 def main() -> None:
     """Build and install the device wheel, then measure both installs; table + bench/results/lean.json."""
     with tempfile.TemporaryDirectory(prefix="edgedeploy-bench-lean-") as tmp:
         folder = Path(tmp)
-        bundle, key, rows = _package_digits(folder)
+        bundles, key, rows = _bundles(folder)
         started = time.monotonic()
         device = install_device(folder / "device")
         install_s = time.monotonic() - started
         results = [
-            _measure("device: pip install edgedeploy (wheel)", device.bin("python"), device.venv, bundle, key, rows,
+            _measure("device: pip install edgedeploy (wheel)", device.bin("python"), device.venv, bundles, key, rows,
                      folder / "run-device"),
-            _measure("development: pip install -e '.[dev]'", Path(sys.executable), Path(sys.prefix), bundle, key,
+            _measure("development: pip install -e '.[dev]'", Path(sys.executable), Path(sys.prefix), bundles, key,
                      rows, folder / "run-dev"),
         ]
     results[0]["install_s"] = round(install_s, 1)
-    print_table(results, ["install", "disk_mb", "packages", "cloud_side_packages", "agent_idle_rss_mb", "install_s"])
-    write_results("lean", {"model": "digits MLP (64 hidden, fp32)", "idle_s": IDLE_S, "results": results})
+    print_table(results, ["install", "disk_mb", "packages", "cloud_side_packages", "serve_digits_rss_mb",
+                          "serve_scorer_rss_mb", "daemon_scorer_rss_mb", "install_s"])
+    write_results("lean", {"models": {"digits": "digits MLP (64 hidden, fp32, onnxruntime)",
+                                      "scorer": "bench/fleet.py's entry-script bundle"},
+                           "idle_s": IDLE_S, "results": results})
 
 
 if __name__ == "__main__":
