@@ -13,6 +13,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -49,7 +50,7 @@ print(json.dumps({"loaded": loaded, "edge_agent": edge_agent.__file__,
 """
 
 
-def _import_guard(python: Path | str, cwd: Path) -> dict[str, object]:
+def _import_guard(python: Path | str, cwd: Path) -> dict[str, Any]:
     done = subprocess.run([str(python), "-c", _IMPORT_GUARD, *CLOUD_SIDE_MODULES], capture_output=True, text=True,
                           cwd=cwd, env=clean_env())
     assert done.returncode == 0, done.stderr
@@ -59,7 +60,7 @@ def _import_guard(python: Path | str, cwd: Path) -> dict[str, object]:
 def test_the_agent_imports_nothing_of_the_cloud_side(tmp_path: Path) -> None:
     found = _import_guard(sys.executable, tmp_path)
     assert found["loaded"] == []
-    assert {"edge_agent.runtime.onnx", "edge_agent.runtime.entry_script"} <= set(found["runtime"])  # type: ignore[arg-type]
+    assert {"edge_agent.runtime.onnx", "edge_agent.runtime.entry_script"} <= set(found["runtime"])
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,7 @@ def test_the_device_install_carries_no_cloud_side_package(device: DeviceInstall)
 @pytest.mark.slow
 def test_the_installed_agent_imports_nothing_of_the_cloud_side(device: DeviceInstall, tmp_path: Path) -> None:
     found = _import_guard(device.bin("python"), tmp_path)
-    assert Path(str(found["edge_agent"])).is_relative_to(device.venv)  # the wheel's copy, not the checkout
+    assert Path(found["edge_agent"]).is_relative_to(device.venv)  # the wheel's copy, not the checkout
     assert found["loaded"] == []
 
 
