@@ -18,10 +18,11 @@ import yaml
 from edge_agent.errors import NotFoundError, ValidationError
 from edge_agent.fleet_messages import DEFAULT_PREFIX, check_device_id
 
-__all__ = ["AGENT_CONFIG_SCHEMA", "AgentConfig", "load_agent_config", "parse_agent_config"]
+__all__ = ["AGENT_CONFIG_SCHEMA", "MQTT_VERSION_NAMES", "AgentConfig", "load_agent_config", "parse_agent_config"]
 
 log = logging.getLogger(__name__)
 
+MQTT_VERSION_NAMES = ("auto", "5", "3.1.1")
 _PORT = {"type": "integer", "minimum": 0, "maximum": 65535}
 _STR_LIST = {"type": "array", "items": {"type": "string", "minLength": 1}}
 
@@ -54,6 +55,9 @@ AGENT_CONFIG_SCHEMA: dict[str, Any] = {
         "reconnect_max_s": {"type": "number", "exclusiveMinimum": 0},
         "log_level": {"enum": ["DEBUG", "INFO", "WARNING", "ERROR"]},
         "simulate_accelerators": {"type": "boolean"},
+        "mqtt_version": {"enum": list(MQTT_VERSION_NAMES) + [5]},  # YAML reads a bare 5 as a number
+        "download_deadline_s": {"type": "number", "exclusiveMinimum": 0},
+        "download_min_bytes_per_s": {"type": "number", "minimum": 0},
     },
 }
 
@@ -87,6 +91,11 @@ class AgentConfig:
     log_level: str = "INFO"
     # serve FPGA bundles through the board's simulator when the board is absent (test benches, CI)
     simulate_accelerators: bool = False
+    # auto: MQTT 5, falling back to 3.1.1 on a broker that refuses or drops an MQTT 5 CONNECT
+    mqtt_version: str = "auto"
+    # a download that takes longer, or runs slower over any 30 s, is abandoned (resumed next time)
+    download_deadline_s: float = 3600.0
+    download_min_bytes_per_s: float = 1024.0
 
     @property
     def broker_host(self) -> str:
@@ -144,6 +153,7 @@ def parse_agent_config(document: Any, base: Path | None = None, source: str = "a
         if values.get(key) is not None:
             values[key] = path(values[key])
     values["tags"] = {str(k): str(v) for k, v in (values.get("tags") or {}).items()}
+    values["mqtt_version"] = str(values.get("mqtt_version", "auto"))
     config = AgentConfig(**values)
     if config.reconnect_max_s < config.reconnect_min_s:
         raise ValidationError(f"{source}: reconnect_max_s must be >= reconnect_min_s")

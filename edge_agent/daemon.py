@@ -18,17 +18,18 @@ import logging
 import math
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from edge_agent.bundle import BundleManifest, load_extracted, open_bundle, read_manifest
-from edge_agent.errors import DeploymentError, EdgeDeployError, ValidationError
+from edge_agent.errors import DeploymentError, EdgeDeployError, brief
 from edge_agent.trust import TrustStore
 
 from .config import AgentConfig, load_agent_config
 from .dataplane import DataPlane
-from .download import download_bundle
+from .download import DownloadLimits, download_bundle
 from .inference import ModelState
 from .metrics import MetricsRegistry
 from .mqtt import AgentLink
@@ -73,6 +74,11 @@ def outputs_match(actual: Any, expected: Any) -> bool:
     return len(left) == len(right) and all(_close(a, b) for a, b in zip(left, right, strict=True))
 
 
+def _order_key(order: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """What makes two desired states the same order (a redelivered one does not abandon a download)."""
+    return order.get("deployment_id"), order.get("bundle_sha256"), order.get("action")
+
+
 def _model_of(manifest: BundleManifest) -> dict[str, Any]:
     return {"name": manifest.name, "version": manifest.version}
 
@@ -98,6 +104,8 @@ class EdgeAgent:
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._staging: str | None = None
+        self._current: dict[str, Any] | None = None  # the order the worker is on
+        self._superseded = threading.Event()  # a different order arrived: stop downloading this one
 
     # --- messages ------------------------------------------------------------------------------
     def _on_desired_thread(self, desired: dict[str, Any]) -> None:
@@ -106,6 +114,8 @@ class EdgeAgent:
 
     def _queue_desired(self, desired: dict[str, Any]) -> None:
         self._pending = desired  # only the newest desired state matters
+        if self._current is not None and _order_key(desired) != _order_key(self._current):
+            self._superseded.set()
         self._wake.set()
 
     def _on_connected_thread(self) -> None:
@@ -139,15 +149,13 @@ class EdgeAgent:
         }
 
     def publish_reported(self) -> None:
-        """Publish the reported state (retained, QoS 1); paho queues it while offline."""
-        try:
-            self.link.publish("reported", self.reported(), qos=1, retain=True)
-        except ValidationError as exc:
-            log.error("could not publish the reported state: %s", exc)
+        """Publish the reported state (retained, QoS 1); paho queues it while offline. Never raises."""
+        self.link.publish("reported", self.reported(), qos=1, retain=True)
 
     def _transition(self, before: DeployState, reason: str | None = None) -> None:
         after = self.store.state
-        log.info("deployment %s: %s -> %s%s", self.store.deployment.get("deployment_id"), before.value,
+        reason = None if reason is None else brief(reason)
+        log.info("deployment %s: %s -> %s%s", brief(self.store.deployment.get("deployment_id"), 200), before.value,
                  after.value, f" ({reason})" if reason else "")
         self.publish_reported()
         self.link.publish("events", {"device_id": self.config.device_id,
@@ -156,7 +164,8 @@ class EdgeAgent:
 
     def _advance(self, event: Event, reason: str | None = None) -> None:
         before = self.store.state
-        self.store.advance(event, reason)
+        # capped before it reaches deployment.json: a reason may quote a third-party exception's text
+        self.store.advance(event, None if reason is None else brief(reason))
         self._transition(before, reason)
 
     # --- serving -------------------------------------------------------------------------------
@@ -217,15 +226,17 @@ class EdgeAgent:
         try:
             await self._deploy(order)
         except (EdgeDeployError, OSError, ValueError) as exc:
-            await self._fail(str(exc))
+            await self._fail(brief(exc))
         except Exception as exc:  # noqa: BLE001 - a bug in a step must still end in a reported state
-            log.exception("deployment %s failed unexpectedly", order.get("deployment_id"))
-            await self._fail(f"internal error: {exc}")
+            log.exception("deployment %s failed unexpectedly", brief(order.get("deployment_id"), 200))
+            await self._fail(f"internal error: {brief(exc)}")
 
     async def _deploy(self, order: dict[str, Any]) -> None:
         self._check_downgrade(order.get("model") or {}, order)
+        limits = DownloadLimits(self.config.max_download_bytes, deadline_s=self.config.download_deadline_s,
+                                min_bytes_per_s=self.config.download_min_bytes_per_s)
         path = await asyncio.to_thread(download_bundle, order["bundle_url"], order["bundle_sha256"],
-                                       self.store.downloads, self.config.max_download_bytes)
+                                       self.store.downloads, limits, abandon=self._superseded.is_set)
         self._advance(Event.OK)  # -> verifying
         await asyncio.to_thread(self._check_hardware, path)
         slot = self.store.deployment["slot"]
@@ -317,12 +328,21 @@ class EdgeAgent:
         self._transition(before, "the controller removed the model")
 
     async def _worker(self) -> None:
+        """Handle the newest order, one at a time; nothing one order does stops the next one."""
         while not self._stop.is_set():
             await self._wake.wait()
             self._wake.clear()
             order, self._pending = self._pending, None
-            if order is not None:
+            if order is None:
+                continue
+            self._current = order
+            self._superseded.clear()
+            try:
                 await self.handle(order)
+            except Exception:  # noqa: BLE001 - the worker must outlive any one order
+                log.exception("order %s could not be handled", brief(order.get("deployment_id"), 200))
+            finally:
+                self._current = None
 
     # --- telemetry -----------------------------------------------------------------------------
     def _drain_telemetry(self) -> None:

@@ -20,6 +20,7 @@ import re
 from typing import Any
 
 from edge_agent.errors import ValidationError
+from edge_agent.jsonlimits import loads_bounded
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -96,12 +97,8 @@ def encode_message(kind: str, body: dict[str, Any]) -> bytes:
 
 def parse_message(kind: str, payload: bytes) -> dict[str, Any]:
     """Decode and check a message; ValidationError says why it is refused."""
-    if len(payload) > MAX_MESSAGE_BYTES:
-        raise ValidationError(f"{kind} message is {len(payload)} bytes, over the {MAX_MESSAGE_BYTES} limit")
-    try:
-        message = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
-        raise ValidationError(f"{kind} message is not JSON") from None
+    # bounded first: 100,000 nested brackets would raise RecursionError inside the parser
+    message = loads_bounded(payload, MAX_MESSAGE_BYTES, what=f"{kind} message")
     if not isinstance(message, dict):
         raise ValidationError(f"{kind} message is not a JSON object")
     if message.get("schema") != SCHEMA_VERSION:

@@ -1,12 +1,16 @@
 """The agent's MQTT adapter (paho-mqtt 2.x): session, last will, desired-state subscription.
 
-It speaks MQTT 5 and falls back to 3.1.1 when the broker refuses the protocol version, or leaves
-an MQTT 5 CONNECT unanswered on a live connection. The
-session is persistent (clean_start False plus a session expiry in v5, clean_session False in
+``mqtt_version: auto`` (the default) speaks MQTT 5 and falls back to 3.1.1 when the broker refuses
+the protocol version, closes the connection on an MQTT 5 CONNECT without a CONNACK (RabbitMQ's
+MQTT plugin before 3.13), or leaves it unanswered on a live connection (amqtt); ``5`` and ``3.1.1``
+pin one version. The session is persistent (clean_start False plus a session expiry in v5, clean_session False in
 3.1.1) so QoS 1 desired states sent while the device was away are delivered. The last will marks
 the device offline (retained); on every connect it publishes ``online: true`` (retained) and
 re-subscribes. paho reconnects by itself with exponential backoff between the configured bounds.
-Incoming messages that are malformed, oversized or of an unknown kind are logged and dropped.
+Incoming messages that are malformed, oversized, nested too deep or of an unknown kind are logged
+and dropped; any exception in a callback is contained there (logged), so paho's network thread
+lives on and acknowledges the message instead of leaving it for the broker to redeliver forever.
+A message that cannot be published (too large, not connected) is logged, never raised.
 """
 
 from __future__ import annotations
@@ -23,17 +27,33 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_agent.errors import ValidationError
+from edge_agent.errors import MAX_ERROR_CHARS, ValidationError, brief
 from edge_agent.fleet_messages import encode_message, parse_message, parse_topic, topic
 
 from .config import AgentConfig
 
-__all__ = ["SESSION_EXPIRY_S", "AgentLink"]
+__all__ = ["MQTT_VERSIONS", "SESSION_EXPIRY_S", "AgentLink", "shrink_strings"]
 
 log = logging.getLogger(__name__)
 SESSION_EXPIRY_S = 7 * 24 * 3600
 _CONNACK_TIMEOUT_S = 5.0
 _BAD_PROTOCOL = (1, 132)  # 3.1.1 "unacceptable protocol version", v5 "unsupported protocol version"
+MQTT_VERSIONS = {"auto": paho.MQTTv5, "5": paho.MQTTv5, "3.1.1": paho.MQTTv311}
+
+
+def shrink_strings(value: Any, limit: int = MAX_ERROR_CHARS) -> Any:
+    """``value`` with every string in it cut to ``limit`` characters (see :func:`brief`).
+
+    A message that would exceed the broker limit is still sent in this form, so the controller
+    learns the state even when an order carried huge identifiers.
+    """
+    if isinstance(value, str):
+        return brief(value, limit)
+    if isinstance(value, dict):
+        return {brief(k, limit): shrink_strings(v, limit) for k, v in value.items()}
+    if isinstance(value, list):
+        return [shrink_strings(v, limit) for v in value]
+    return value
 
 
 class AgentLink:
@@ -48,7 +68,7 @@ class AgentLink:
         self.config = config
         self.on_desired = on_desired
         self.on_connected = on_connected
-        self.protocol = paho.MQTTv5
+        self.protocol = MQTT_VERSIONS[config.mqtt_version]
         self._answered = False  # the broker sent a CONNACK at least once
         self.connected = threading.Event()
         self._lock = threading.Lock()
@@ -73,6 +93,8 @@ class AgentLink:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.suppress_exceptions = True  # a bug in a callback is logged, never the end of the loop
+        client.enable_logger(log)  # paho reports what it suppressed through our logger
         return client
 
     def _status(self, online: bool) -> bytes:
@@ -94,15 +116,20 @@ class AgentLink:
             watchdog.daemon = True
             watchdog.start()
 
+    def _may_fall_back(self, client: paho.Client) -> bool:
+        """True while ``client`` is our MQTT 5 attempt in ``auto`` mode and no CONNACK came yet."""
+        with self._lock:
+            current = client is self._client
+        return (current and self.config.mqtt_version == "auto" and self.protocol == paho.MQTTv5
+                and not self._answered)
+
     def _check_connack(self, client: paho.Client) -> None:
         """Some 3.1.1-only brokers (amqtt) never answer an MQTT 5 CONNECT: fall back on silence too.
 
         Only when the TCP connection stands (``client.socket()``): a broker that is down says
         nothing about the protocol, and plain reconnects handle it.
         """
-        with self._lock:
-            current = client is self._client
-        if current and self.protocol == paho.MQTTv5 and not self._answered and client.socket() is not None:
+        if self._may_fall_back(client) and client.socket() is not None:
             self._fallback()
 
     def stop(self) -> None:
@@ -134,7 +161,7 @@ class AgentLink:
                     properties: Any) -> None:
         self._answered = True
         if reason_code.is_failure:
-            if self.protocol == paho.MQTTv5 and reason_code.value in _BAD_PROTOCOL:
+            if self._may_fall_back(client) and reason_code.value in _BAD_PROTOCOL:
                 threading.Thread(target=self._fallback, daemon=True).start()
             else:
                 log.warning("broker %s refused the connection: %s", self.config.broker, reason_code)
@@ -152,9 +179,20 @@ class AgentLink:
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any,
                        properties: Any) -> None:
         self.connected.clear()
+        if self._may_fall_back(client):
+            # The TCP connection stood (a broker that is down reports a connect failure instead) and
+            # was closed before any CONNACK: what RabbitMQ's MQTT plugin does with an MQTT 5 CONNECT.
+            threading.Thread(target=self._fallback, daemon=True).start()
+            return
         log.info("disconnected from %s (%s); reconnecting with backoff", self.config.broker, reason_code)
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        try:
+            self._take_message(message)
+        except Exception:  # noqa: BLE001 - whatever a message does, the loop lives on and acknowledges it
+            log.exception("a message on %s could not be handled; dropped", brief(message.topic, 200))
+
+    def _take_message(self, message: paho.MQTTMessage) -> None:
         try:
             device_id, kind = parse_topic(message.topic, self.config.topic_prefix)
             if device_id != self.config.device_id or kind != "desired":
@@ -173,9 +211,20 @@ class AgentLink:
 
     # --- publishing ----------------------------------------------------------------------------
     def publish(self, kind: str, body: dict[str, Any], qos: int = 1, retain: bool = False) -> bool:
-        """Encode and publish; False when it was not handed to the broker link (e.g. offline)."""
-        payload = encode_message(kind, body)
-        with self._lock:
-            client = self._client
-        info = client.publish(self._topic(kind), payload, qos=qos, retain=retain)
+        """Encode and publish; False (logged, never raised) when it was not handed to the broker link.
+
+        A body over the message limit is sent with its strings cut short rather than not at all.
+        """
+        try:
+            try:
+                payload = encode_message(kind, body)
+            except ValidationError as exc:
+                log.warning("%s message shortened: %s", kind, exc)
+                payload = encode_message(kind, shrink_strings(body))
+            with self._lock:
+                client = self._client
+            info = client.publish(self._topic(kind), payload, qos=qos, retain=retain)
+        except Exception as exc:  # noqa: BLE001 - a report that cannot go out must not stop its sender
+            log.error("could not publish a %s message: %s", kind, brief(exc, 500))
+            return False
         return info.rc == paho.MQTT_ERR_SUCCESS

@@ -135,10 +135,11 @@ class BundleStore:
     def begin(self, order: dict[str, Any]) -> DeployState:
         """Start a deployment of ``order`` (a desired message); persisted before downloading."""
         state = next_state(self.state, Event.START)
-        self.deployment = {"state": state.value, "deployment_id": order.get("deployment_id"),
-                           "order": order, "slot": self.inactive_slot(), "error": None,
-                           "from": self.state.value, "ts": time.time()}
-        self._save_deployment()
+        deployment = {"state": state.value, "deployment_id": order.get("deployment_id"),
+                      "order": order, "slot": self.inactive_slot(), "error": None,
+                      "from": self.state.value, "ts": time.time()}
+        atomic_write_json(self._deploy_file, deployment)  # a failed write leaves the old state in force
+        self.deployment = deployment
         return state
 
     def advance(self, event: Event, error: str | None = None) -> DeployState:

@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from edge_agent.atomic import atomic_write_json, read_json
-from edge_agent.errors import EdgeDeployError, NotFoundError, UsageError, ValidationError
+from edge_agent.errors import EdgeDeployError, NotFoundError, UsageError, ValidationError, brief
 from edge_agent.fleet_messages import DEFAULT_PREFIX, encode_message, parse_message, parse_topic, topic
 from edge_agent.home import edgedeploy_home
 
@@ -267,51 +267,105 @@ def _rollouts_dir(home: Path) -> Path:
     return folder
 
 
-class _Link:
-    """The MQTT side: latest retained ``reported``/``status`` per device, and publishing."""
+_MQTT_VERSIONS = ("auto", "5", "3.1.1")
+_SILENT_CONNACK_S = 3.0  # an MQTT 5 CONNECT left unanswered this long: the broker speaks 3.1.1 only (amqtt)
 
-    def __init__(self, broker_url: str, prefix: str) -> None:
+
+class _Link:
+    """The MQTT side: latest retained ``reported``/``status`` per device, and publishing.
+
+    ``mqtt_version="auto"`` tries MQTT 5, then 3.1.1 when the broker refuses the version, closes
+    the connection before a CONNACK (RabbitMQ's MQTT plugin before 3.13) or does not answer.
+    """
+
+    def __init__(self, broker_url: str, prefix: str, mqtt_version: str = "auto") -> None:
         import paho.mqtt.client as mqtt  # the adapter only: the plan logic never needs paho
 
         url = urlparse(broker_url)
         if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
             raise UsageError(f"bad broker URL {broker_url!r}: write mqtt://HOST:PORT")
+        if str(mqtt_version) not in _MQTT_VERSIONS:
+            raise UsageError(f"bad MQTT version {mqtt_version!r}: use {', '.join(_MQTT_VERSIONS)}")
         self.prefix = prefix
         self.reported: dict[str, dict[str, Any]] = {}
         self.status: dict[str, dict[str, Any]] = {}
         self.last_seen: dict[str, float] = {}
         self.changed = threading.Condition()
+        self._url = url
         self._connected = threading.Event()
-        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgedeploy-ctl-{secrets.token_hex(4)}")
-        if url.username:
-            self._client.username_pw_set(url.username, url.password)
-        if url.scheme == "mqtts":
-            self._client.tls_set()
-        self._client.on_connect = self._on_connect
-        self._client.on_message = self._on_message
-        self._client.reconnect_delay_set(1, 2)
-        try:
-            self._client.connect(url.hostname, url.port or (8883 if url.scheme == "mqtts" else 1883), keepalive=30)
-        except OSError as exc:
-            raise EdgeDeployError(f"cannot reach the MQTT broker at {broker_url} ({exc}); is it running?") from None
-        self._client.loop_start()
-        if not self._connected.wait(10):
+        self._answer = threading.Event()  # a CONNACK, or the connection closed before one
+        self._refused_version = False
+        versions = {"auto": [mqtt.MQTTv5, mqtt.MQTTv311], "5": [mqtt.MQTTv5], "3.1.1": [mqtt.MQTTv311]}
+        candidates = versions[str(mqtt_version)]
+        for protocol in candidates:
+            last = protocol == candidates[-1]
+            self._client = self._open(broker_url, protocol)
+            if self._wait_connected(_SILENT_CONNACK_S if not last else 10.0) or last:
+                break
+            log.info("broker %s did not take an MQTT 5 connection; trying 3.1.1", broker_url)
+            self.close()
+        if not self._connected.is_set():
             self.close()
             raise EdgeDeployError(f"the MQTT broker at {broker_url} did not accept the connection")
 
+    def _open(self, broker_url: str, protocol: Any) -> Any:
+        import paho.mqtt.client as mqtt
+
+        url = self._url
+        self._answer.clear()
+        self._refused_version = False
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgedeploy-ctl-{secrets.token_hex(4)}",
+                             protocol=protocol)
+        if url.username:
+            client.username_pw_set(url.username, url.password)
+        if url.scheme == "mqtts":
+            client.tls_set()
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.suppress_exceptions = True  # a callback bug is logged, never the end of the network loop
+        client.enable_logger(log)
+        client.reconnect_delay_set(1, 2)
+        try:
+            port = url.port or (8883 if url.scheme == "mqtts" else 1883)
+            client.connect(url.hostname or "127.0.0.1", port, keepalive=30)
+        except OSError as exc:
+            raise EdgeDeployError(f"cannot reach the MQTT broker at {broker_url} ({exc}); is it running?") from None
+        client.loop_start()
+        return client
+
+    def _wait_connected(self, timeout: float) -> bool:
+        """True once connected; False when the broker refused or dropped this version, or stayed silent."""
+        self._answer.wait(timeout)
+        return self._connected.wait(0.2) if self._answer.is_set() and not self._refused_version else False
+
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if reason_code.is_failure:
+            self._refused_version = reason_code.value in (1, 132)  # unacceptable / unsupported version
+            self._answer.set()
             log.warning("broker refused the connection: %s", reason_code)
             return
         client.subscribe([(topic("+", "reported", self.prefix), 1), (topic("+", "status", self.prefix), 1)])
         self._connected.set()
+        self._answer.set()
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        if not self._connected.is_set():  # closed before any CONNACK: the broker did not take this version
+            self._refused_version = True
+            self._answer.set()
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+        try:
+            self._take(message)
+        except Exception:  # noqa: BLE001 - whatever a device sends, the network loop lives on
+            log.exception("dropped a message on %s", brief(message.topic, 200))
+
+    def _take(self, message: Any) -> None:
         try:
             device_id, kind = parse_topic(message.topic, self.prefix)
             body = parse_message(kind, message.payload) if message.payload else None
         except ValidationError as exc:
-            log.info("ignoring a message on %s: %s", message.topic, exc)
+            log.info("ignoring a message on %s: %s", brief(message.topic, 200), exc)
             return
         with self.changed:
             target = self.reported if kind == "reported" else self.status
@@ -357,16 +411,17 @@ class FleetController:
     """Lists devices and runs rollouts; every step is persisted so a restart resumes a rollout."""
 
     def __init__(self, broker_url: str = DEFAULT_BROKER, prefix: str = DEFAULT_PREFIX,
-                 home: Path | None = None) -> None:
+                 home: Path | None = None, mqtt_version: str = "auto") -> None:
         self.broker_url = broker_url
         self.prefix = prefix
+        self.mqtt_version = mqtt_version
         self.home = Path(home) if home else edgedeploy_home()
         self._link: _Link | None = None
 
     # -- connection --------------------------------------------------------------------------
     def _connect(self) -> _Link:
         if self._link is None:
-            self._link = _Link(self.broker_url, self.prefix)
+            self._link = _Link(self.broker_url, self.prefix, self.mqtt_version)
             self._link.settle()
         return self._link
 

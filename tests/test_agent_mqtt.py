@@ -29,7 +29,7 @@ from paho.mqtt.properties import Properties
 
 from edge_agent.bundle import bundle_sha256
 from edge_agent.daemon import outputs_match
-from edge_agent.fleet_messages import encode_message, topic
+from edge_agent.fleet_messages import MAX_MESSAGE_BYTES, encode_message, topic
 from packager.keys import SigningKey, export_public_key, generate_key
 from packager.targets.base import free_port
 from tests.test_store import script_bundle
@@ -380,3 +380,122 @@ def test_username_and_password_are_used_and_a_refusal_does_not_stop_the_agent(tm
         observer.close()
         broker.terminate()
         broker.wait(10)
+
+
+def write_agent_config(tmp_path: Path, port: int, **settings: Any) -> Path:
+    """agent.yaml for DEVICE on the broker at ``port``, trusting the test signing key."""
+    export_public_key(tmp_path / "publisher.pub")
+    config = tmp_path / "agent.yaml"
+    config.write_text(yaml.safe_dump({
+        "device_id": DEVICE, "broker": f"mqtt://127.0.0.1:{port}", "data_dir": str(tmp_path / "data"),
+        "trusted_keys": [str(tmp_path / "publisher.pub")], "http_port": 0, "grpc_port": 0, **settings}))
+    return config
+
+
+def wait_for_log(log: Path, text: str, count: int = 1, timeout: float = 30) -> None:
+    """Block until ``text`` appears ``count`` times in the agent's log."""
+    deadline = time.monotonic() + timeout
+    while log.read_text(errors="replace").count(text) < count:
+        assert time.monotonic() < deadline, f"{text!r} not logged; log ends: {log.read_text()[-2000:]}"
+        time.sleep(0.1)
+
+
+def test_a_deeply_nested_desired_message_is_dropped_acknowledged_and_the_next_order_installs(
+        broker: int, bundle_http: tuple[Path, str], signing_key: SigningKey, tmp_path: Path) -> None:
+    """200 KB of nested brackets (under the size limit) once killed paho's thread for good."""
+    folder, base = bundle_http
+    config, log = write_agent_config(tmp_path, broker), tmp_path / "agent.log"
+    observer = Observer(broker)
+    agent = start_agent(config, log)
+    try:
+        observer.wait("status", lambda m: m["online"] is True)
+        deep = b"[" * 100_000 + b"]" * 100_000
+        observer.client.publish(topic(DEVICE, "desired"), deep, qos=1).wait_for_publish(10)  # not retained
+        wait_for_log(log, "nests deeper than")
+        # A clean restart: an unacknowledged message would come back from the persistent session.
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(30) == 0
+        restarted = time.time()
+        agent = start_agent(config, log)
+        observer.wait("status", lambda m: m["online"] is True and m["ts"] >= restarted)
+        v1 = script_bundle(tmp_path / "v1.edb", signing_key, 1)
+        observer.desire(order(v1, folder, base, 1, "after-deep"))
+        report = observer.wait("reported", lambda m: m["deployment_id"] == "after-deep" and m["state"] == "active")
+        assert score(report["http_port"]) == {"version": 1}
+        assert log.read_text().count("nests deeper than") == 1  # acknowledged: not redelivered
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait(10)
+        observer.close()
+
+
+def test_an_order_too_large_to_report_in_full_is_reported_shortened_and_the_next_order_installs(
+        broker: int, bundle_http: tuple[Path, str], signing_key: SigningKey, tmp_path: Path) -> None:
+    """Identifiers that make ``reported`` exceed 256 KiB once left the controller waiting forever."""
+    folder, base = bundle_http
+    config, log = write_agent_config(tmp_path, broker), tmp_path / "agent.log"
+    observer = Observer(broker)
+    agent = start_agent(config, log)
+    try:
+        observer.wait("status", lambda m: m["online"] is True)
+        with socket.socket() as sock:  # a port nobody listens on: the download fails at once
+            sock.bind(("127.0.0.1", 0))
+            closed = sock.getsockname()[1]
+        body = {"deployment_id": "huge-", "rollout_id": "", "allow_downgrade": False, "bundle_sha256": "a" * 64,
+                "bundle_url": f"http://127.0.0.1:{closed}/b.edb", "model": {"name": "scorer", "version": 1}}
+        fill = (MAX_MESSAGE_BYTES - 100 - len(encode_message("desired", body))) // 2  # just under the limit
+        body.update(deployment_id="huge-" + "d" * fill, rollout_id="r" * fill)
+        observer.desire(encode_message("desired", body))  # its reported state, with both ids and an error, is not
+        report = observer.wait("reported", lambda m: str(m["deployment_id"]).startswith("huge-")
+                               and m["state"] == "failed")
+        assert len(report["deployment_id"]) < 2000 and len(report["error"]) < 2000
+        deployment = json.loads((tmp_path / "data" / "deployment.json").read_text())
+        assert len(deployment["error"]) < 2000
+        v1 = script_bundle(tmp_path / "v1.edb", signing_key, 1)
+        observer.desire(order(v1, folder, base, 1, "after-huge"))
+        report = observer.wait("reported", lambda m: m["deployment_id"] == "after-huge" and m["state"] == "active")
+        assert score(report["http_port"]) == {"version": 1}
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait(10)
+        observer.close()
+
+
+def test_the_worker_outlives_an_order_that_raises_outside_its_deployment_steps(
+        bundle_http: tuple[Path, str], signing_key: SigningKey, tmp_path: Path) -> None:
+    """In-process daemon core: deployment.json cannot be replaced (a folder sits there), then can."""
+    import asyncio
+
+    from edge_agent.config import parse_agent_config
+    from edge_agent.daemon import EdgeAgent
+
+    folder, base = bundle_http
+    export_public_key(tmp_path / "publisher.pub")
+    config = parse_agent_config({"device_id": DEVICE, "broker": "mqtt://127.0.0.1:1", "data_dir": "data",
+                                 "trusted_keys": ["publisher.pub"], "http_port": 0, "grpc_port": 0}, base=tmp_path)
+    agent = EdgeAgent(config)
+    blocker = tmp_path / "data" / "deployment.json"
+    v1 = script_bundle(tmp_path / "v1.edb", signing_key, 1)
+
+    async def scenario() -> None:
+        worker = asyncio.create_task(agent._worker())
+        blocker.mkdir(parents=True)
+        (blocker / "keep").touch()  # os.replace cannot put a file over a non-empty folder
+        agent._queue_desired(json.loads(order(v1, folder, base, 1, "blocked")))
+        while agent._pending is not None or agent._current is not None:
+            await asyncio.sleep(0.05)
+        shutil.rmtree(blocker)
+        agent._queue_desired(json.loads(order(v1, folder, base, 1, "unblocked")))
+        for _ in range(400):
+            if agent.store.state.value == "active" or worker.done():
+                break
+            await asyncio.sleep(0.05)
+        assert not worker.done(), "the worker task ended"
+        assert agent.store.state.value == "active" and agent.store.deployment["deployment_id"] == "unblocked"
+        agent.stop()
+        await asyncio.wait_for(worker, 10)
+        await agent.repository.close()
+
+    asyncio.run(scenario())

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.download import download_bundle
+from edge_agent.download import DownloadLimits, download_bundle
 from edge_agent.errors import DeploymentError, IntegrityError, ValidationError
 
 BLOB = os.urandom(300_000)
@@ -100,7 +100,7 @@ def test_a_sha_mismatch_is_refused(server: RangeServer, tmp_path: Path) -> None:
 
 def test_size_cap_and_bad_orders(server: RangeServer, tmp_path: Path) -> None:
     with pytest.raises(DeploymentError, match="limit"):
-        download_bundle(url(server), SHA, tmp_path, max_bytes=1000)
+        download_bundle(url(server), SHA, tmp_path, DownloadLimits(max_bytes=1000))
     with pytest.raises(ValidationError, match="http"):
         download_bundle("file:///etc/passwd", SHA, tmp_path)
     with pytest.raises(ValidationError, match="sha256"):

@@ -22,6 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     # given before the action from being overwritten by the action's default
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--broker", default=argparse.SUPPRESS, help=broker_help)
+    version_help = "MQTT protocol: auto (5, falling back to 3.1.1), 5 or 3.1.1 (default auto)"
+    for where, default in ((parser, "auto"), (common, argparse.SUPPRESS)):
+        where.add_argument("--mqtt-version", choices=("auto", "5", "3.1.1"), default=default, help=version_help)
     sub = parser.add_subparsers(dest="fleet_command", metavar="ACTION", required=True)
 
     devices = sub.add_parser("devices", parents=[common], help="devices and what they run")
@@ -54,7 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _controller(args: argparse.Namespace) -> FleetController:
-    return FleetController(args.broker or os.environ.get("EDGEDEPLOY_BROKER") or DEFAULT_BROKER)
+    return FleetController(args.broker or os.environ.get("EDGEDEPLOY_BROKER") or DEFAULT_BROKER,
+                           mqtt_version=args.mqtt_version)
 
 
 def _devices(args: argparse.Namespace) -> int:
