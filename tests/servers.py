@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -114,3 +115,48 @@ def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
             return response.status, response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
+
+
+class _DripHandler(BaseHTTPRequestHandler):
+    """Announces the whole body, then sends it one byte every ``gap`` seconds."""
+
+    server: _DripServer
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - silence the test server
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.server.body)))
+        self.end_headers()
+        for byte in self.server.body:
+            if self.server.stopping.wait(self.server.gap):
+                return
+            try:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+            except OSError:  # the client gave up
+                return
+
+
+class _DripServer(ThreadingHTTPServer):
+    daemon_threads = True
+    body = b""
+    gap = 0.1
+    stopping: threading.Event
+
+
+@contextmanager
+def dripping_server(body: bytes, gap: float = 0.1) -> Iterator[str]:
+    """A stuck or hostile bundle server on loopback: yields its base URL; any path drips ``body``."""
+    httpd = _DripServer(("127.0.0.1", 0), _DripHandler)
+    httpd.body, httpd.gap, httpd.stopping = body, gap, threading.Event()
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.stopping.set()
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()

@@ -67,3 +67,14 @@ def test_edge_agent_check_validates_and_names_the_unknown_key(tmp_path: Path) ->
     assert ok.returncode == 0, ok.stderr
     bad = check({**GOOD, "brokr": "mqtt://x"})
     assert bad.returncode != 0 and "brokr" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_mqtt_version_and_download_limits_have_defaults_and_are_checked(tmp_path: Path) -> None:
+    config = load_agent_config(write(tmp_path, GOOD))
+    assert config.mqtt_version == "auto" and config.download_deadline_s == 3600
+    assert config.download_min_bytes_per_s == 1024
+    for written, read in ((5, "5"), ("3.1.1", "3.1.1"), ("auto", "auto")):  # YAML reads a bare 5 as a number
+        assert load_agent_config(write(tmp_path, {**GOOD, "mqtt_version": written})).mqtt_version == read
+    for bad in ({"mqtt_version": "3"}, {"download_deadline_s": 0}, {"download_min_bytes_per_s": -1}):
+        with pytest.raises(ValidationError, match=next(iter(bad))):
+            load_agent_config(write(tmp_path, {**GOOD, **bad}))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -32,6 +33,7 @@ from edge_agent.daemon import outputs_match
 from edge_agent.fleet_messages import MAX_MESSAGE_BYTES, encode_message, topic
 from packager.keys import SigningKey, export_public_key, generate_key
 from packager.targets.base import free_port
+from tests.servers import dripping_server
 from tests.test_store import script_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -499,3 +501,38 @@ def test_the_worker_outlives_an_order_that_raises_outside_its_deployment_steps(
         await agent.repository.close()
 
     asyncio.run(scenario())
+
+
+def test_a_newer_order_preempts_a_download_from_a_stuck_server(
+        broker: int, bundle_http: tuple[Path, str], signing_key: SigningKey, tmp_path: Path) -> None:
+    """A server dripping one byte at a time once held the only worker while a good order waited."""
+    folder, base = bundle_http
+    stack = contextlib.ExitStack()
+    blob = os.urandom(300_000)
+    sha = hashlib.sha256(blob).hexdigest()
+    config = write_agent_config(tmp_path, broker, download_deadline_s=600, download_min_bytes_per_s=0)
+    observer = Observer(broker)
+    agent = start_agent(config, tmp_path / "agent.log")
+    try:
+        drip = stack.enter_context(dripping_server(blob))
+        observer.wait("status", lambda m: m["online"] is True)
+        observer.desire(encode_message("desired", {
+            "deployment_id": "stuck", "bundle_url": f"{drip}/{sha}.edb", "bundle_sha256": sha,
+            "model": {"name": "scorer", "version": 1}, "allow_downgrade": False}))
+        observer.wait("reported", lambda m: m["deployment_id"] == "stuck" and m["state"] == "downloading")
+        time.sleep(1)  # well into the transfer
+        v1 = script_bundle(tmp_path / "v1.edb", signing_key, 1)
+        ordered = time.monotonic()
+        observer.desire(order(v1, folder, base, 1, "newer"))
+        report = observer.wait("reported", lambda m: m["deployment_id"] == "newer" and m["state"] == "active",
+                               timeout=30)
+        assert time.monotonic() - ordered < 20 and score(report["http_port"]) == {"version": 1}
+        stuck = [e for e in observer.events if e["deployment_id"] == "stuck" and e["to"] == "failed"]
+        assert stuck and "newer order" in stuck[0]["reason"]
+        assert not list((tmp_path / "data").rglob("*.part"))  # the abandoned order's bytes were reclaimed
+    finally:
+        stack.close()
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait(10)
+        observer.close()
