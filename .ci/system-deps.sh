@@ -2,10 +2,11 @@
 # System packages the tests and the demo use, installed when missing (idempotent; needs root for apt,
 # otherwise it says what to install):
 #   mosquitto                         the MQTT broker of the fleet tests
+#   rabbitmq-server                   RabbitMQ's MQTT plugin, a second real broker (tests/e2e/test_brokers.py)
 #   yosys nextpnr-ice40 fpga-icestorm the open iCE40 flow (synthesis, place and route, bitstream)
 #   iverilog verilator g++            simulation of our Verilog, the HLS firmware's C simulation
 set -euo pipefail
-declare -A wanted=([mosquitto]=mosquitto [yosys]=yosys [nextpnr-ice40]=nextpnr-ice40 [icepack]=fpga-icestorm
+declare -A wanted=([mosquitto]=mosquitto [rabbitmq-server]=rabbitmq-server [yosys]=yosys [nextpnr-ice40]=nextpnr-ice40 [icepack]=fpga-icestorm
                    [iverilog]=iverilog [verilator]=verilator [g++]=g++)
 missing=()
 for tool in "${!wanted[@]}"; do

@@ -306,7 +306,9 @@ class _Link:
             self.close()
         if not self._connected.is_set():
             self.close()
-            raise EdgeDeployError(f"the MQTT broker at {broker_url} did not accept the connection")
+            tried = "MQTT 5 or 3.1.1" if mqtt_version == "auto" else f"MQTT {mqtt_version}"
+            raise EdgeDeployError(f"the MQTT broker at {broker_url} did not accept the connection ({tried}); "
+                                  "check the URL, the credentials and --mqtt-version")
 
     def _open(self, broker_url: str, protocol: Any) -> Any:
         import paho.mqtt.client as mqtt
