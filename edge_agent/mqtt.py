@@ -93,8 +93,7 @@ class AgentLink:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
-        client.suppress_exceptions = True  # a bug in a callback is logged, never the end of the loop
-        client.enable_logger(log)  # paho reports what it suppressed through our logger
+        client.suppress_exceptions = True  # belt and braces: our callbacks contain and log their own errors
         return client
 
     def _status(self, online: bool) -> bytes:

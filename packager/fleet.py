@@ -325,8 +325,7 @@ class _Link:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
-        client.suppress_exceptions = True  # a callback bug is logged, never the end of the network loop
-        client.enable_logger(log)
+        client.suppress_exceptions = True  # belt and braces: our callbacks contain and log their own errors
         client.reconnect_delay_set(1, 2)
         try:
             port = url.port or (8883 if url.scheme == "mqtts" else 1883)
