@@ -536,3 +536,28 @@ def test_a_newer_order_preempts_a_download_from_a_stuck_server(
             agent.kill()
             agent.wait(10)
         observer.close()
+
+
+def test_download_deadline_from_agent_yaml_ends_a_stuck_download_in_failed(
+        broker: int, signing_key: SigningKey, tmp_path: Path) -> None:
+    """``download_deadline_s`` reaches the download: the order fails, saying why, instead of hanging."""
+    blob = os.urandom(100_000)
+    sha = hashlib.sha256(blob).hexdigest()
+    config = write_agent_config(tmp_path, broker, download_deadline_s=1.5)
+    observer = Observer(broker)
+    agent = start_agent(config, tmp_path / "agent.log")
+    try:
+        with dripping_server(blob) as drip:
+            observer.wait("status", lambda m: m["online"] is True)
+            observer.desire(encode_message("desired", {
+                "deployment_id": "slow", "bundle_url": f"{drip}/{sha}.edb", "bundle_sha256": sha,
+                "model": {"name": "scorer", "version": 1}, "allow_downgrade": False}))
+            report = observer.wait("reported", lambda m: m["deployment_id"] == "slow" and m["state"] == "failed",
+                                   timeout=20)
+        assert "took over 1.5s" in report["error"] and "resumes" in report["error"]
+        assert 0 < (tmp_path / "data" / "downloads" / f"{sha}.part").stat().st_size < len(blob)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait(10)
+        observer.close()
