@@ -17,7 +17,7 @@ from edge_agent.errors import InvalidInputError, NotFoundError, UsageError
 from edge_agent.inference import InferRequest, InferResponse, ModelState
 from edge_agent.metrics import MetricsRegistry
 from edge_agent.repository import ModelEntry, ModelRepository
-from edge_agent.runtime.base import validate_inputs
+from edge_agent.runtime.base import LoadedModel, validate_inputs
 
 __all__ = ["SERVER_NAME", "DataPlane"]
 
@@ -165,10 +165,10 @@ class DataPlane:
         await self.repository.unload(name)
 
 
-def _runs_inline(model: Any, inputs: dict[str, Any]) -> bool:
+def _runs_inline(model: LoadedModel, inputs: dict[str, Any]) -> bool:
     """A tiny model on a small batch answers faster on the event loop than through a worker thread."""
     rows = max((len(v) for v in inputs.values() if getattr(v, "ndim", 0)), default=1)
-    return bool(getattr(model, "inline", False)) and rows <= _INLINE_MAX_ROWS
+    return model.inline and rows <= _INLINE_MAX_ROWS
 
 
 def _select(outputs: dict[str, Any], wanted: list[str] | None) -> dict[str, Any]:

@@ -115,7 +115,7 @@ class ModelRepository:
         manifest = load_extracted(bundle_dir)
         name = name or manifest.name
         model = await asyncio.to_thread(load_model, Path(bundle_dir), manifest, name, self.workdir)
-        failure = getattr(model, "failure", None)
+        failure = model.failure
         entry = ModelEntry(name, ModelState.UNAVAILABLE if failure else ModelState.READY, model, failure,
                            Path(bundle_dir), owned, staging=staging)
         entry.idle.set()

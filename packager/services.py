@@ -15,24 +15,13 @@ and each call is dispatched to that target (see :mod:`packager.targets`).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from edge_agent.errors import (
-    AuthError,
-    DeploymentError,
-    EdgeDeployError,
-    InferenceError,
-    InvalidInputError,
-    ModelNotReadyError,
-    NotFoundError,
-    PayloadTooLargeError,
-)
-from packager.targets import DeploymentSpec, LocalTarget, Service, get_target
-from packager.targets.local import error_text, http_request
+from edge_agent.errors import DeploymentError, UsageError
+from packager.targets import DeploymentSpec, DeployTarget, Service, ServiceStore, get_target
 
 __all__ = [
     "Service",
@@ -50,37 +39,20 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_STATUS_ERRORS: dict[int, type[EdgeDeployError]] = {
-    400: InvalidInputError,
-    401: AuthError,
-    403: AuthError,
-    404: NotFoundError,
-    413: PayloadTooLargeError,
-    500: InferenceError,
-    503: ModelNotReadyError,
-}
-
-
-def _local() -> LocalTarget:
-    return LocalTarget()
-
 
 @contextlib.contextmanager
-def _opened(target: Any) -> Iterator[Any]:
+def _opened(target: DeployTarget) -> Iterator[DeployTarget]:
     """A target for one call; its connection (a Docker or Kubernetes client) is closed afterwards."""
     try:
         yield target
     finally:
-        close = getattr(target, "close", None)
-        if close is not None:
-            close()
+        target.close()
 
 
-def _target_of(name: str) -> Any:
-    """The target that runs service ``name`` (from its record), for one call; NotFoundError if none."""
-    record = _local().record(name)
-    kubeconfig = record.get("kubeconfig")
-    return _opened(get_target(str(record.get("target", "local")), kubeconfig=Path(kubeconfig) if kubeconfig else None))
+def _target_of(name: str) -> contextlib.AbstractContextManager[DeployTarget]:
+    """The target that runs service ``name`` (its record names it), for one call; NotFoundError if none."""
+    store = ServiceStore()
+    return _opened(get_target(str(store.record(name).get("target", "local")), store))
 
 
 def deploy(
@@ -126,10 +98,10 @@ def get_service(name: str) -> Service:
 def list_services() -> list[Service]:
     """Every service, sorted by name, each with its live state (an unreadable one is skipped)."""
     found = []
-    for name in _local().names():
+    for name in ServiceStore().names():
         try:
             found.append(get_service(name))
-        except DeploymentError as exc:
+        except (DeploymentError, UsageError) as exc:  # a corrupt record, a target no longer installed
             log.warning("skipping service %s: %s", name, exc)
     return found
 
@@ -142,12 +114,18 @@ def logs(name: str, tail: int | None = None) -> str:
 
 def get_keys(name: str) -> dict[str, str]:
     """``{"primary_key", "secondary_key"}`` of service ``name``."""
-    return _local().keys(name)
+    with _target_of(name) as target:
+        return target.keys(name)
 
 
 def regenerate_key(name: str, which: str) -> dict[str, str]:
-    """Replace the ``primary`` or ``secondary`` key; the old one is refused from then on."""
-    return _local().regenerate_key(name, which)
+    """Replace the ``primary`` or ``secondary`` key where the service reads it; the old one is refused.
+
+    A Kubernetes service's Secret is updated in the cluster (then the local copy); when the cluster
+    cannot be reached this raises DeploymentError and the old keys stay.
+    """
+    with _target_of(name) as target:
+        return target.regenerate_key(name, which)
 
 
 def update(name: str, bundle: str | Path) -> Service:
@@ -169,27 +147,4 @@ def run(name: str, data: Any, timeout: float = 30.0) -> Any:
     or raw ``bytes`` (sent as ``application/octet-stream``, e.g. an image for an entry script).
     Error answers raise the matching ``edge_agent.errors`` type with the server's message.
     """
-    service = get_service(name)
-    if not service.scoring_uri:
-        raise ModelNotReadyError(f"service {name!r} has no scoring address yet (state {service.state})")
-    body, content_type = _encode(data)
-    headers = {"Content-Type": content_type}
-    if service.auth_enabled:
-        headers["Authorization"] = f"Bearer {get_keys(name)['primary_key']}"
-    status, answer = http_request("POST", service.scoring_uri, body, headers, timeout=timeout)
-    if status != 200:
-        error = _STATUS_ERRORS.get(status, DeploymentError)
-        raise error(f"service {name!r} answered HTTP {status}: {error_text(answer)}")
-    try:
-        return json.loads(answer)
-    except ValueError:
-        return answer
-
-
-def _encode(data: Any) -> tuple[bytes, str]:
-    if isinstance(data, bytes | bytearray):
-        return bytes(data), "application/octet-stream"
-    if isinstance(data, str):
-        return data.encode(), "application/json"
-    return json.dumps(data).encode(), "application/json"
-
+    return get_service(name).run(data, timeout)

@@ -1,14 +1,21 @@
-"""Kubernetes target: rendered manifests validate against real Kubernetes schemas and carry the options."""
+"""Kubernetes target: rendered manifests validate against real Kubernetes schemas and carry the options;
+key rotation goes to the cluster's Secret (as far as a machine without an API server allows)."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
-from edge_agent.errors import UsageError
-from packager.targets.kubernetes import KubernetesOptions, render_manifests, write_manifests
+from edge_agent.errors import DeploymentError, UsageError
+from packager import services
+from packager.targets.base import free_port
+from packager.targets.kubernetes import KubernetesOptions, render_keys_secret, render_manifests, write_manifests
+from packager.targets.store import ServiceStore
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
@@ -124,3 +131,60 @@ def test_pod_trusts_the_configured_keys() -> None:
 def test_bad_options_refused(bad: dict) -> None:
     with pytest.raises(UsageError):
         render_manifests(_opts(**bad))
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_rotated_keys_secret_is_the_one_the_pods_mount(version: str) -> None:
+    keys = {"primary_key": "p" * 43, "secondary_key": "s" * 43}
+    opts = _opts(keys=keys)
+    docs = _by_kind(render_manifests(opts, kserve=False))
+    secret = render_keys_secret(opts.name, opts.namespace, keys, opts.bundle_sha256)
+    kubernetes_validate.validate(secret, version, strict=True)
+    assert secret == docs["Secret"]  # a rotation applies the same object (same labels) with new data
+    assert json.loads(secret["stringData"]["keys.json"]) == keys
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    assert {"name": "keys", "secret": {"secretName": secret["metadata"]["name"]}} in pod["volumes"]
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "keys")
+    assert "subPath" not in mount  # a subPath mount would never see the kubelet refresh the Secret
+
+
+def _cluster_service(name: str, tmp_path: Path, auth: bool) -> tuple[dict[str, str], int]:
+    """A kubernetes service's record and keys as ``deploy`` leaves them, its API server not answering."""
+    closed = free_port()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "here",
+        "clusters": [{"name": "here", "cluster": {"server": f"http://127.0.0.1:{closed}"}}],
+        "users": [{"name": "me", "user": {"token": "t"}}],
+        "contexts": [{"name": "here", "context": {"cluster": "here", "user": "me"}}],
+    }))
+    store = ServiceStore()
+    store.claim(name)
+    keys = {"primary_key": "old-primary", "secondary_key": "old-secondary"}
+    store.write_keys(name, keys)
+    store.save(name, {"name": name, "target": "kubernetes", "namespace": "ml", "image": "registry.example/e:1",
+                      "http_port": 8080, "grpc_port": 8081, "auth": auth, "bundle_sha256": "ab" * 32,
+                      "replicas": 1, "kubeconfig": str(kubeconfig)})
+    return keys, closed
+
+
+def test_regenerating_a_kubernetes_key_updates_the_cluster_secret_first(tmp_path: Path) -> None:
+    """The rotation reaches for the cluster (it used to change only the local file); unreachable, nothing changes."""
+    keys, closed = _cluster_service("fraud", tmp_path, auth=True)
+    with pytest.raises(DeploymentError, match=f"cannot reach the Kubernetes API at http://127.0.0.1:{closed}"):
+        services.regenerate_key("fraud", "primary")
+    assert services.get_keys("fraud") == keys
+    result = subprocess.run([sys.executable, "-m", "packager.cli.main", "service", "keys", "fraud", "--regenerate",
+                             "secondary"], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+    assert "cannot reach the Kubernetes API" in result.stderr
+    assert services.get_keys("fraud") == keys
+
+
+def test_a_kubernetes_service_without_auth_rotates_locally(tmp_path: Path) -> None:
+    """No Secret was rendered for a --no-auth service, so the cluster is not asked."""
+    keys, _ = _cluster_service("open", tmp_path, auth=False)
+    rotated = services.regenerate_key("open", "primary")
+    assert rotated["secondary_key"] == keys["secondary_key"] and rotated["primary_key"] != keys["primary_key"]
+    assert services.get_keys("open") == rotated

@@ -1,4 +1,4 @@
-"""Runtime backends (onnxruntime, entry scripts) behind one small interface.
+"""Runtime backends (onnxruntime, entry scripts, FPGA) behind one small interface, found by entry points.
 
 Entry scripts find their model folder with :func:`get_model_dir` or the ``AZUREML_MODEL_DIR`` /
 ``EDGEDEPLOY_MODEL_DIR`` environment variables.
@@ -9,9 +9,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from edge_agent.runtime.base import BACKENDS, CURRENT_MODEL_DIR, LoadedModel, ModelInfo, load_model, register_backend
+from edge_agent.runtime.base import (
+    CURRENT_MODEL_DIR,
+    LoadedModel,
+    ModelInfo,
+    ModelSpecs,
+    RuntimeBackend,
+    TensorScoring,
+    installed_backends,
+    load_model,
+)
 
-__all__ = ["BACKENDS", "LoadedModel", "ModelInfo", "get_model_dir", "load_model", "register_backend"]
+__all__ = ["LoadedModel", "ModelInfo", "ModelSpecs", "RuntimeBackend", "TensorScoring", "get_model_dir",
+           "installed_backends", "load_model"]
 
 
 def get_model_dir() -> Path:

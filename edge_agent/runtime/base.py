@@ -1,13 +1,20 @@
-"""The runtime interface every backend implements, and the backend registry.
+"""The runtime interface every backend implements, and how a bundle finds its backend.
 
 A backend turns an unpacked, verified bundle into a :class:`LoadedModel`. Servers never know
-which backend runs: they go through the data plane, which calls ``infer`` or ``score``.
+which backend runs: they go through the data plane, which calls ``infer`` or ``score``. Backends
+are plug-ins: the manifest's ``runtime.backend`` names an entry point in the ``edgedeploy.runtimes``
+group whose value is a :class:`RuntimeBackend` (a ``load`` function), e.g. in ``pyproject.toml``::
+
+    [project.entry-points."edgedeploy.runtimes"]
+    onnxruntime = "edge_agent.runtime.onnx:load"
+
+Only the backend a bundle names is imported, so an agent without hls4ml's C++ tool chain or a
+board's drivers still runs ONNX bundles.
 """
 
 from __future__ import annotations
 
 import contextvars
-import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,21 +23,15 @@ import numpy as np
 
 from edge_agent.bundle import BundleManifest
 from edge_agent.errors import BundleError
+from edge_agent.plugins import RUNTIMES_GROUP, load_plugin, plugin_names
+from edge_agent.runtime.scoring import parse_score_body
 from edge_agent.tensors import TensorSpec
 
-__all__ = ["BACKENDS", "CURRENT_MODEL_DIR", "LoadedModel", "ModelInfo", "ModelSpecs", "TensorScoring", "load_model",
-           "register_backend", "validate_inputs"]
+__all__ = ["CURRENT_MODEL_DIR", "LoadedModel", "ModelInfo", "ModelSpecs", "RuntimeBackend", "TensorScoring",
+           "installed_backends", "load_model", "validate_inputs"]
 
 # the model folder of the entry script being called (init/run), read by runtime.get_model_dir()
 CURRENT_MODEL_DIR: contextvars.ContextVar[Path | None] = contextvars.ContextVar("edgedeploy_model_dir", default=None)
-
-# backend name (manifest.runtime["backend"]) -> module defining load(bundle_dir, manifest, info)
-BACKENDS = {
-    "onnxruntime": "edge_agent.runtime.onnx",
-    "entry-script": "edge_agent.runtime.entry_script",
-    "hls4ml": "edge_agent.runtime.hls",
-    "ice40": "edge_agent.runtime.ice40",
-}
 
 
 @dataclass
@@ -48,57 +49,21 @@ class ModelInfo:
     workdir: Path | None = None  # the agent's working folder (entry-script requirements go to workdir/deps)
 
 
-def register_backend(name: str, module: str) -> None:
-    """Make ``manifest.runtime["backend"] == name`` load with ``module`` (which defines ``load``).
-
-    A backend is one module with ``load(bundle_dir, manifest, info) -> LoadedModel``.
-    """
-    BACKENDS[name] = module
-
-
-class ModelSpecs:
-    """Mixin for backends: ``inputs``/``outputs`` read through to ``info``."""
-
-    info: ModelInfo
-
-    @property
-    def inputs(self) -> list[TensorSpec]:
-        """The model's input specs."""
-        return self.info.inputs
-
-    @property
-    def outputs(self) -> list[TensorSpec]:
-        """The model's output specs."""
-        return self.info.outputs
-
-
-class TensorScoring(ModelSpecs):
-    """Mixin for backends whose ``/score`` is their tensors as JSON (onnxruntime, the FPGA backends)."""
-
-    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        raise NotImplementedError
-
-    def score(self, body: Any, content_type: str) -> Any:
-        """``{"data": ...}`` or named inputs in, every output as nested lists out."""
-        from edge_agent.runtime.onnx import parse_score_body
-
-        named = parse_score_body(body, [spec.name for spec in self.info.inputs])
-        outputs = self.infer(validate_inputs(self.info.inputs, named))
-        return {name: value.tolist() for name, value in outputs.items()}
-
-    def schema(self) -> dict[str, Any] | None:
-        """No entry-script schema: the OpenAPI document comes from the tensors and samples."""
-        return None
-
-
 class LoadedModel(Protocol):
-    """A model ready to answer. ``infer`` takes and returns named arrays; ``score`` serves ``/score``.
+    """A model ready to answer: every member the repository and the data plane use.
 
-    ``info.inputs``/``info.outputs`` (also ``inputs``/``outputs``) are its TensorSpecs; an entry
-    script without declared tensors has none, and its requests skip tensor validation.
+    ``infer`` takes and returns named arrays; ``score`` serves ``/score``. ``info.inputs`` and
+    ``info.outputs`` (also ``inputs``/``outputs``) are its TensorSpecs; an entry script without
+    declared tensors has none, and its requests skip tensor validation. ``inline`` says a call is
+    so cheap that the data plane runs it on the event loop instead of a worker thread. ``failure``
+    is set when the model loaded but cannot answer (an entry script whose ``init()`` raised): the
+    repository then keeps it unavailable with that reason. :class:`ModelSpecs` supplies
+    ``inputs``, ``outputs``, ``inline = False`` and ``failure = None``.
     """
 
     info: ModelInfo
+    inline: bool
+    failure: str | None
 
     @property
     def inputs(self) -> list[TensorSpec]: ...
@@ -115,17 +80,72 @@ class LoadedModel(Protocol):
     def unload(self) -> None: ...
 
 
+class RuntimeBackend(Protocol):
+    """What a ``edgedeploy.runtimes`` entry point names: a function loading one bundle folder."""
+
+    def __call__(self, bundle_dir: Path, manifest: BundleManifest, info: ModelInfo) -> LoadedModel: ...
+
+
+_MEMBERS = ("info", "inline", "failure", "inputs", "outputs", "infer", "score", "schema", "unload")
+
+
+class ModelSpecs:
+    """Mixin for backends: ``inputs``/``outputs`` read through to ``info``; not inline, no failure."""
+
+    info: ModelInfo
+    inline: bool = False
+    failure: str | None = None
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        """The model's input specs."""
+        return self.info.inputs
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        """The model's output specs."""
+        return self.info.outputs
+
+
+class TensorScoring(ModelSpecs):
+    """Mixin for backends whose ``/score`` is their tensors as JSON (onnxruntime, the FPGA backends)."""
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Subclasses run the model here."""
+        raise NotImplementedError
+
+    def score(self, body: Any, content_type: str) -> Any:
+        """``{"data": ...}`` or named inputs in, every output as nested lists out."""
+        named = parse_score_body(body, [spec.name for spec in self.info.inputs])
+        outputs = self.infer(validate_inputs(self.info.inputs, named))
+        return {name: value.tolist() for name, value in outputs.items()}
+
+    def schema(self) -> dict[str, Any] | None:
+        """No entry-script schema: the OpenAPI document comes from the tensors and samples."""
+        return None
+
+
+def installed_backends() -> list[str]:
+    """The ``runtime.backend`` values this agent can run (its ``edgedeploy.runtimes`` entry points)."""
+    return plugin_names(RUNTIMES_GROUP)
+
+
 def load_model(bundle_dir: Path, manifest: BundleManifest, name: str | None = None,
                workdir: Path | None = None) -> LoadedModel:
-    """Load ``bundle_dir`` with the backend its manifest names."""
+    """Load ``bundle_dir`` with the backend its manifest names; BundleError if none is installed."""
     backend = str(manifest.runtime.get("backend"))
-    module_name = BACKENDS.get(backend)
-    if module_name is None:
-        raise BundleError(f"this agent cannot run backend {backend!r} (it runs: {', '.join(sorted(BACKENDS))})")
+    loader: RuntimeBackend = load_plugin(RUNTIMES_GROUP, backend, "runtime backend", BundleError)
     version = str(manifest.version) if manifest.version is not None else manifest.model.get("sha256", "")[:12]
     info = ModelInfo(name or manifest.name, version or "1", backend, list(manifest.inputs), list(manifest.outputs),
                      Path(bundle_dir), manifest, workdir=workdir)
-    model: LoadedModel = importlib.import_module(module_name).load(Path(bundle_dir), manifest, info)
+    model = loader(Path(bundle_dir), manifest, info)
+    missing = [member for member in _MEMBERS if not hasattr(model, member)]
+    if missing:
+        # refused at load, not at the first request: the old version keeps serving
+        if hasattr(model, "unload"):
+            model.unload()
+        raise BundleError(f"runtime backend {backend!r} returned a model without {', '.join(missing)} "
+                          "(see edge_agent.runtime.LoadedModel; the ModelSpecs mixin supplies the defaults)")
     return model
 
 

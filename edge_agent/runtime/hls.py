@@ -48,7 +48,6 @@ class FirmwareModel(TensorScoring):
         self.info = info
         self.host_softmax = host_softmax
         self.channels_last = channels_last  # [N, C, H, W] requests, channels-last firmware
-        self.inline = False
         if len(info.inputs) != 1:
             raise BundleError("an FPGA bundle has exactly one input tensor")
         self.host_outputs = HostOutputs.from_runtime(info.manifest.runtime, info.outputs)

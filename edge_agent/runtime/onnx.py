@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
 from edge_agent.bundle import BundleManifest
-from edge_agent.errors import BundleError, InvalidInputError
+from edge_agent.errors import BundleError
 from edge_agent.runtime.base import ModelInfo, TensorScoring
 from edge_agent.tensors import V2_TO_NUMPY, onnx_type_to_v2
 
-__all__ = ["OnnxModel", "choose_providers", "load", "parse_score_body"]
+__all__ = ["OnnxModel", "choose_providers", "load"]
 
 log = logging.getLogger(__name__)
 _PROBE_RUNS = 20
@@ -34,23 +32,6 @@ def choose_providers(wanted: list[str], available: list[str] | None = None) -> l
         else:
             log.warning("execution provider %s is not available here; falling back to the next one", provider)
     return chosen or ["CPUExecutionProvider"]
-
-
-def parse_score_body(body: Any, input_names: list[str]) -> dict[str, Any]:
-    """``{"data": x}`` (single input), ``{"data": {name: x}}`` or ``{"inputs": {name: x}}`` → named values."""
-    if isinstance(body, bytes | str):
-        try:
-            body = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise InvalidInputError("the /score body must be JSON such as {\"data\": [[...]]}") from None
-    if not isinstance(body, dict) or not ({"data", "inputs"} & set(body)):
-        raise InvalidInputError("the /score body must be a JSON object with a 'data' (or 'inputs') field")
-    value = body.get("inputs", body.get("data"))
-    if isinstance(value, dict):
-        return value
-    if len(input_names) != 1:
-        raise InvalidInputError(f"this model has several inputs {input_names}: send {{\"data\": {{name: value}}}}")
-    return {input_names[0]: value}
 
 
 def _intra_op_threads() -> int:

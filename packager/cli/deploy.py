@@ -8,7 +8,7 @@ from pathlib import Path
 from edge_agent.errors import UsageError
 from packager import services
 from packager.cli.output import progress
-from packager.targets import KNOWN_TARGETS
+from packager.targets import target_names
 
 __all__ = ["register"]
 
@@ -18,7 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("deploy", help="start a service from a bundle (local, docker, kubernetes)")
     parser.add_argument("name", help="service name (lowercase letters, digits, '-')")
     parser.add_argument("--bundle", required=True, type=Path, help="signed bundle to serve")
-    parser.add_argument("--target", default="local", choices=KNOWN_TARGETS)
+    parser.add_argument("--target", default="local", choices=target_names(),
+                        help="where the service runs: the installed deploy targets (edgedeploy.targets plug-ins)")
     parser.add_argument("--port", type=int, default=None, help="REST port (default: a free one)")
     parser.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default: a free one)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")

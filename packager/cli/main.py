@@ -85,6 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
             stream=sys.stderr,
         )
+        if not args.verbose:
+            # the Kubernetes client's retries log each refused connection; the error line says it once
+            logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
         try:
             return int(args.func(args) or 0)
         except ModuleNotFoundError as exc:

@@ -1,45 +1,67 @@
 """Deploy targets: where a service runs. Each is one module with one class (see :mod:`.base`).
 
 ``local`` runs ``edge-agent serve`` as a process, ``docker`` in a container built from the bundle,
-``kubernetes`` as a Deployment applied to a cluster. Target-specific options (``base_image`` for
-docker; ``kubeconfig``, ``image``, ``bundle_server``, ``namespace`` for kubernetes) pass through
-:func:`get_target`; the others ignore them.
+``kubernetes`` as a Deployment applied to a cluster. Targets are plug-ins: each is an entry point
+in the ``edgedeploy.targets`` group (name = the ``--target`` value, value = the class), so a new
+one is one module plus one line in its package's ``pyproject.toml``::
+
+    [project.entry-points."edgedeploy.targets"]
+    niced = "niced_target:NicedTarget"
+
+Target-specific options (``base_image`` for docker; ``kubeconfig``, ``image``, ``bundle_server``,
+``namespace`` for kubernetes) pass through :func:`get_target` to the targets whose ``__init__``
+names them; the others never see them.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from edge_agent.errors import UsageError
+from edge_agent.plugins import TARGETS_GROUP, load_plugin, plugin_names
 from packager.targets.base import DeploymentSpec, DeployTarget, Service, ServiceState, check_service_name
-from packager.targets.local import LocalTarget
+from packager.targets.store import ServiceStore
 
 __all__ = [
-    "KNOWN_TARGETS",
     "DeployTarget",
     "DeploymentSpec",
-    "LocalTarget",
     "Service",
     "ServiceState",
+    "ServiceStore",
     "check_service_name",
     "get_target",
+    "target_names",
 ]
 
-KNOWN_TARGETS = ("local", "docker", "kubernetes")
+
+def target_names() -> list[str]:
+    """The ``--target`` values installed here (``edgedeploy.targets`` entry points), sorted."""
+    return plugin_names(TARGETS_GROUP)
 
 
-def get_target(name: str, **options: Any) -> DeployTarget:
-    """The target called ``name``, with its own options (None values mean the default)."""
-    options = {key: value for key, value in options.items() if value is not None}
-    if name == "local":
-        return LocalTarget()
-    if name == "docker":
-        from packager.targets.docker import DockerTarget
+def get_target(name: str, store: ServiceStore | None = None, **options: Any) -> DeployTarget:
+    """The target called ``name`` over ``store``, given the ``options`` it takes (None means its default).
 
-        return DockerTarget(**{k: v for k, v in options.items() if k in ("base_image",)})
-    if name == "kubernetes":
-        from packager.targets.kubernetes_cluster import KubernetesTarget
+    UsageError, naming the installed targets, when ``name`` is not one of them.
+    """
+    factory = load_plugin(TARGETS_GROUP, name, "deploy target", UsageError)
+    given = {key: value for key, value in options.items() if value is not None}
+    target = factory(store=store or ServiceStore(), **_accepted(factory, given))
+    missing = [member for member in _MEMBERS if not callable(getattr(target, member, None))]
+    if missing or getattr(target, "name", None) != name:
+        raise UsageError(f"deploy target {name!r} does not implement packager.targets.DeployTarget "
+                         f"(missing {', '.join(missing) or 'name = ' + repr(name)})")
+    return target
 
-        keep = ("kubeconfig", "image", "bundle_server", "namespace")
-        return KubernetesTarget(**{k: v for k, v in options.items() if k in keep})
-    raise UsageError(f"unknown target {name!r}; choose one of {', '.join(KNOWN_TARGETS)}")
+
+_MEMBERS = ("deploy", "wait_ready", "status", "logs", "update", "delete", "keys", "regenerate_key", "close")
+
+
+def _accepted(factory: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """The options ``factory``'s signature takes (all of them if it takes ``**kwargs``)."""
+    parameters = inspect.signature(factory).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return options
+    names = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {key: value for key, value in options.items() if key in names}

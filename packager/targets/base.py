@@ -1,26 +1,27 @@
 """The deploy-target protocol: what every place a service can run (local, Docker, Kubernetes) offers.
 
-A target takes a :class:`DeploymentSpec` and answers with :class:`Service` records. Adding a target
-is one new module with one class that has these five methods; the CLI and the Python API in
+A target takes a :class:`DeploymentSpec` and answers with :class:`Service` records; it keeps each
+service's record and keys in the shared :class:`~packager.targets.store.ServiceStore`. Adding a
+target is one module with one class implementing :class:`DeployTarget` plus one entry point in
+the ``edgedeploy.targets`` group (see :mod:`packager.targets`); the CLI and the Python API in
 :mod:`packager.services` never change.
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
 import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from edge_agent.errors import UsageError
+from edge_agent.errors import ModelNotReadyError, UsageError
+from packager.targets import client
+from packager.targets.store import ServiceStore, check_service_name
 
 __all__ = ["DeployTarget", "DeploymentSpec", "Service", "ServiceState", "check_service_name", "free_port",
            "wait_port"]
-
-_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -47,16 +48,6 @@ class ServiceState:
     HEALTHY = "healthy"
     UNHEALTHY = "unhealthy"
     STOPPED = "stopped"
-
-
-def check_service_name(name: str) -> str:
-    """Refuse a service name that is not a DNS label (it becomes a folder, a container, a pod)."""
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise UsageError(
-            f"invalid service name {name!r}: use 1-63 lowercase letters, digits and '-', "
-            "starting with a letter or digit"
-        )
-    return name
 
 
 @dataclass
@@ -114,22 +105,30 @@ class Service:
         """The ``service show --json`` document."""
         return asdict(self)
 
-    def run(self, data: Any) -> Any:
-        """Score ``data`` on this service (``POST /score``); see :func:`packager.services.run`."""
-        from packager import services
+    def run(self, data: Any, timeout: float = 30.0) -> Any:
+        """Score ``data`` on this service (``POST /score``, with its key when auth is on).
 
-        return services.run(self.name, data)
+        See :func:`packager.services.run` for what ``data`` may be and the errors raised.
+        """
+        if not self.scoring_uri:
+            raise ModelNotReadyError(f"service {self.name!r} has no scoring address yet (state {self.state})")
+        key = self.get_keys()["primary_key"] if self.auth_enabled else None
+        return client.score(self.name, self.scoring_uri, data, key, timeout)
 
     def get_keys(self) -> dict[str, str]:
         """This service's primary and secondary keys."""
-        from packager import services
-
-        return services.get_keys(self.name)
+        return ServiceStore().keys(self.name)
 
 
 @runtime_checkable
 class DeployTarget(Protocol):
-    """A place services run. Each method raises ``edge_agent.errors`` types only."""
+    """A place services run. Each method raises ``edge_agent.errors`` types only.
+
+    A target class is built as ``Target(store=ServiceStore(...), **options)``: ``store`` holds the
+    records and keys of every target's services, and ``options`` are the ``deploy`` options its
+    ``__init__`` names (``base_image``, ``kubeconfig``, ...; others are not passed). ``name`` is the
+    ``--target`` value, written into each record so later calls come back to this target.
+    """
 
     name: str
 
@@ -155,4 +154,16 @@ class DeployTarget(Protocol):
 
     def delete(self, name: str) -> None:
         """Stop the service and remove everything it left; NotFoundError if there is none."""
+        ...
+
+    def keys(self, name: str) -> dict[str, str]:
+        """``{"primary_key", "secondary_key"}``: what the service accepts as bearer tokens."""
+        ...
+
+    def regenerate_key(self, name: str, which: str) -> dict[str, str]:
+        """Replace the ``primary`` or ``secondary`` key where the service reads it; the old one is refused."""
+        ...
+
+    def close(self) -> None:
+        """Release what the target holds (an engine or cluster connection); called after every call."""
         ...

@@ -1,7 +1,7 @@
 """The Docker target: the signed bundle, unchanged, in a container running ``edge-agent serve``.
 
-The record lives where local services keep theirs (``EDGEDEPLOY_HOME/services/NAME/service.json``,
-with ``"target": "docker"``) so :mod:`packager.services` dispatches to this class. Containers use
+The record and keys live in the shared service store (``EDGEDEPLOY_HOME/services/NAME/``, with
+``"target": "docker"``) so :mod:`packager.services` dispatches to this class. Containers use
 ``--network host`` (the build machines have no bridge), CPU and memory limits from the spec, a
 health check on ``/v2/health/ready`` and the keys as a read-only bind-mounted file. The container
 verifies the bundle at start with the same code as a device, trusting the key(s) passed in.
@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edge_agent.atomic import atomic_write_json
 from edge_agent.errors import DeploymentError, NotFoundError
 from packager.images import BASE_IMAGE, BUNDLE_PATH, build_image
 from packager.targets.base import DeploymentSpec, Service, ServiceState, free_port
-from packager.targets.local import LocalTarget, http_request
+from packager.targets.client import http_request
+from packager.targets.store import ServiceFiles, ServiceStore
 
 __all__ = ["DockerTarget"]
 
@@ -38,18 +38,17 @@ _HEALTH_PROBE = ("import json, urllib.request; assert json.load(open('{state}'))
                  "urllib.request.urlopen('http://127.0.0.1:{port}/v2/health/ready', timeout=2)")
 
 
-
 class DockerTarget:
     """Services as containers in a Docker engine (``base_url`` or ``DOCKER_HOST``)."""
 
     name = "docker"
 
     def __init__(self, base_url: str | None = None, trusted_key: Path | None = None,
-                 base_image: str = BASE_IMAGE, root: Path | None = None) -> None:
+                 base_image: str = BASE_IMAGE, store: ServiceStore | None = None) -> None:
         self._base_url = base_url
         self.trusted_key = trusted_key
         self.base_image = base_image
-        self._local = LocalTarget(root)
+        self.store = store or ServiceStore()
         self._client: Any = None
 
     @property
@@ -79,13 +78,22 @@ class DockerTarget:
     # records ---------------------------------------------------------------------------------------
 
     def _record(self, name: str) -> dict[str, Any]:
-        record = self._local.record(name)
-        if record.get("target") != "docker":
-            raise NotFoundError(f"service {name!r} is not a docker service")
-        return record
+        return self.store.record(name, self.name)
 
     def _save(self, name: str, record: dict[str, Any]) -> None:
-        atomic_write_json(self._local.files(name).record, record)
+        self.store.save(name, record)
+
+    def keys(self, name: str) -> dict[str, str]:
+        """The service's keys (the file its containers read)."""
+        self._record(name)
+        return self.store.keys(name)
+
+    def regenerate_key(self, name: str, which: str) -> dict[str, str]:
+        """Replace one key; the containers see the service folder mounted, so they use it at once."""
+        self._record(name)
+        keys = self.store.rotated_keys(name, which)
+        self.store.write_keys(name, keys)
+        return keys
 
     # containers ------------------------------------------------------------------------------------
 
@@ -167,21 +175,18 @@ class DockerTarget:
             raise
         except Exception as exc:  # noqa: BLE001 - the SDK raises requests' and its own errors
             raise DeploymentError(f"no Docker engine answers ({exc}); set DOCKER_HOST") from None
-        files = self._local.claim(spec.name)
+        files = self.store.claim(spec.name)
         try:
             return self._deploy(spec, files, wait, timeout)
         except BaseException:
             self._remove_containers(spec.name)
-            import shutil
-
-            shutil.rmtree(files.root, ignore_errors=True)
+            self.store.remove(spec.name)
             raise
 
-    def _deploy(self, spec: DeploymentSpec, files: Any, wait: bool, timeout: float) -> Service:
+    def _deploy(self, spec: DeploymentSpec, files: ServiceFiles, wait: bool, timeout: float) -> Service:
         from edge_agent.auth import generate_keys
 
-        keys = generate_keys()
-        atomic_write_json(files.keys, keys)
+        self.store.write_keys(spec.name, generate_keys())
         build = build_image(self.client, spec.bundle, spec.name, self.base_image)
         http_port = spec.port or free_port()
         grpc_port = spec.grpc_port or free_port()
@@ -255,7 +260,7 @@ class DockerTarget:
         their address; a bundle that fails to start leaves the old container serving.
         """
         record = self._record(name)
-        files = self._local.files(name)
+        files = self.store.files(name)
         spec = DeploymentSpec(name=name, bundle=Path(bundle), cpu=record.get("cpu"),
                               memory_mb=record.get("memory_mb"), host=record.get("host", "127.0.0.1"))
         build = build_image(self.client, spec.bundle, name, record.get("base_image", self.base_image))
@@ -290,11 +295,7 @@ class DockerTarget:
 
     def delete(self, name: str) -> None:
         """Remove every container of the service and its record."""
-        import shutil
-
         self._record(name)
         self._remove_containers(name)
-        shutil.rmtree(self._local.files(name).root, ignore_errors=True)
+        self.store.remove(name)
         log.info("deleted docker service %s", name)
-
-

@@ -21,13 +21,14 @@ from typing import Any
 import yaml
 
 from edge_agent.errors import UsageError
-from packager.targets.base import check_service_name
+from packager.targets.store import check_service_name
 
 __all__ = [
     "BUNDLE_DIR",
     "KubernetesOptions",
     "container_spec",
     "render_inference_service",
+    "render_keys_secret",
     "render_manifests",
     "serve_command",
     "trusted_public_keys",
@@ -94,10 +95,14 @@ class KubernetesOptions:
 
 
 def _labels(opts: KubernetesOptions) -> dict[str, str]:
-    labels = {"app.kubernetes.io/name": opts.name, "app.kubernetes.io/managed-by": "edgedeploy"}
-    if opts.bundle_sha256:
+    return _labels_of(opts.name, opts.bundle_sha256)
+
+
+def _labels_of(name: str, bundle_sha256: str | None) -> dict[str, str]:
+    labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/managed-by": "edgedeploy"}
+    if bundle_sha256:
         # Label values are at most 63 characters; the full digest goes in an annotation.
-        labels["edgedeploy.io/bundle-sha256"] = opts.bundle_sha256[:63]
+        labels["edgedeploy.io/bundle-sha256"] = bundle_sha256[:63]
     return labels
 
 
@@ -242,14 +247,25 @@ def render_inference_service(opts: KubernetesOptions) -> dict[str, Any]:
     }
 
 
+def render_keys_secret(name: str, namespace: str, keys: dict[str, str],
+                       bundle_sha256: str | None = None) -> dict[str, Any]:
+    """The Secret ``NAME-keys`` the pods mount as ``keys.json`` (applied again by a key rotation).
+
+    The kubelet refreshes a mounted Secret in place (no subPath), and the agent re-reads its keys
+    file when it changes, so running pods take a rotated key without a restart.
+    """
+    check_service_name(name)
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": name + "-keys", "namespace": namespace, "labels": _labels_of(name, bundle_sha256)},
+            "stringData": {"keys.json": json.dumps(keys)}}
+
+
 def render_manifests(opts: KubernetesOptions, *, kserve: bool = True) -> list[dict[str, Any]]:
     """All documents for one service, in apply order (Secret and ConfigMap before the pods)."""
     opts.validate()
     docs: list[dict[str, Any]] = []
     if opts.auth:
-        docs.append({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-                     "metadata": _meta(opts, "-keys"),
-                     "stringData": {"keys.json": json.dumps(_keys(opts))}})
+        docs.append(render_keys_secret(opts.name, opts.namespace, _keys(opts), opts.bundle_sha256))
     docs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(opts, "-config"),
                  "data": {"serve.json": json.dumps(_serve_config(opts), sort_keys=True),
                           **dict(sorted(opts.trusted_keys.items()))}})

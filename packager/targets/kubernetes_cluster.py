@@ -3,7 +3,10 @@
 The documents come from :mod:`packager.targets.kubernetes` (the same ones ``--dry-run`` writes and the
 tests validate). They go to the cluster by server-side apply through the ``kubernetes`` client, so a
 re-apply updates in place; an update patches the Deployment's pod template with the new bundle and
-the rolling update (``maxUnavailable: 0``, readiness on the v2 health path) drops no requests.
+the rolling update (``maxUnavailable: 0``, readiness on the v2 health path) drops no requests. A
+key rotation applies the service's Secret again (the cluster first, then the local copy), and the
+pods take it without a restart. A service is reached later through the kubeconfig it was deployed
+with (kept in its record).
 Nothing past reading the kubeconfig and reaching the API server was run on the build machines:
 no API server can be installed there (see the README).
 """
@@ -16,11 +19,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edge_agent.atomic import atomic_write_json
 from edge_agent.errors import DeploymentError, NotFoundError, UsageError
 from packager.targets.base import DeploymentSpec, Service, ServiceState
-from packager.targets.kubernetes import KubernetesOptions, render_manifests, trusted_public_keys
-from packager.targets.local import LocalTarget
+from packager.targets.kubernetes import (
+    KubernetesOptions,
+    render_keys_secret,
+    render_manifests,
+    trusted_public_keys,
+)
+from packager.targets.store import ServiceStore
 
 __all__ = ["KubernetesTarget", "find_kubeconfig"]
 
@@ -48,12 +55,12 @@ class KubernetesTarget:
     name = "kubernetes"
 
     def __init__(self, kubeconfig: Path | None = None, image: str | None = None, bundle_server: str | None = None,
-                 namespace: str = "default", root: Path | None = None) -> None:
-        self._kubeconfig = kubeconfig
+                 namespace: str = "default", store: ServiceStore | None = None) -> None:
+        self._kubeconfig = Path(kubeconfig) if kubeconfig else None
         self.image = image
         self.bundle_server = bundle_server
         self.namespace = namespace
-        self._local = LocalTarget(root)
+        self.store = store or ServiceStore()
         self._api: Any = None
 
     def close(self) -> None:
@@ -111,9 +118,10 @@ class KubernetesTarget:
     # records -----------------------------------------------------------------------------------------
 
     def _record(self, name: str) -> dict[str, Any]:
-        record = self._local.record(name)
-        if record.get("target") != "kubernetes":
-            raise NotFoundError(f"service {name!r} is not a kubernetes service")
+        """The record of ``name``; its cluster is the one it was deployed to, unless a kubeconfig was given."""
+        record = self.store.record(name, self.name)
+        if self._kubeconfig is None and record.get("kubeconfig"):
+            self._kubeconfig = Path(record["kubeconfig"])
         return record
 
     def _options(self, spec: DeploymentSpec, keys: dict[str, str], namespace: str) -> KubernetesOptions:
@@ -145,16 +153,14 @@ class KubernetesTarget:
         options = self._options(spec, keys, self.namespace)
         docs = render_manifests(options, kserve=False)
         self._client()  # fail on a missing kubeconfig before anything is written
-        files = self._local.claim(spec.name)
+        self.store.claim(spec.name)
         try:
             self._apply(docs)
         except BaseException:
-            import shutil
-
-            shutil.rmtree(files.root, ignore_errors=True)
+            self.store.remove(spec.name)
             raise
-        atomic_write_json(files.keys, keys, mode=0o600)
-        atomic_write_json(files.record, {
+        self.store.write_keys(spec.name, keys)
+        self.store.save(spec.name, {
             "name": spec.name, "target": "kubernetes", "namespace": self.namespace, "image": options.image,
             "http_port": options.http_port, "grpc_port": options.grpc_port, "auth": options.auth,
             "bundle_sha256": options.bundle_sha256, "replicas": options.replicas, "cpu": spec.cpu,
@@ -223,7 +229,7 @@ class KubernetesTarget:
     def update(self, name: str, bundle: Path) -> Service:
         """Re-apply with the new bundle: a rolling update, old pods serve until new ones are ready."""
         record = self._record(name)
-        keys = self._local.keys(name)
+        keys = self.store.keys(name)
         spec = DeploymentSpec(name=name, bundle=Path(bundle), port=record["http_port"],
                               grpc_port=record["grpc_port"], auth=record["auth"], cpu=record.get("cpu"),
                               memory_mb=record.get("memory_mb"), replicas=record.get("replicas"))
@@ -234,13 +240,29 @@ class KubernetesTarget:
         self._apply(render_manifests(options, kserve=False))
         record.update(bundle_sha256=options.bundle_sha256, image=options.image,
                       updated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        atomic_write_json(self._local.files(name).record, record)
+        self.store.save(name, record)
         return self.wait_ready(name)
+
+    def keys(self, name: str) -> dict[str, str]:
+        """The service's keys (the local copy of its Secret)."""
+        self._record(name)
+        return self.store.keys(name)
+
+    def regenerate_key(self, name: str, which: str) -> dict[str, str]:
+        """Replace one key in the service's Secret, then in the local copy; the pods take it without a restart.
+
+        The cluster is updated first: if it cannot be reached, nothing changes and the old keys keep
+        working. A service deployed with ``--no-auth`` has no Secret; only its local copy changes.
+        """
+        record = self._record(name)
+        keys = self.store.rotated_keys(name, which)
+        if record.get("auth"):
+            self._apply([render_keys_secret(name, record["namespace"], keys, record.get("bundle_sha256"))])
+        self.store.write_keys(name, keys)
+        return keys
 
     def delete(self, name: str) -> None:
         """Delete the service's objects from the cluster, then its record."""
-        import shutil
-
         record = self._record(name)
         client, api = self._client()
         namespace = record["namespace"]
@@ -258,4 +280,4 @@ class KubernetesTarget:
                 self._call(f"deleting {kind} {name}", call)
             except NotFoundError:
                 log.info("%s %s was already gone", kind, name)
-        shutil.rmtree(self._local.files(name).root, ignore_errors=True)
+        self.store.remove(name)

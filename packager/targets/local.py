@@ -1,9 +1,11 @@
 """The local target: each service is a background ``edge-agent serve`` process on this machine.
 
-Layout under ``EDGEDEPLOY_HOME/services/NAME/``: ``service.json`` (the record, written atomically),
-``keys.json`` (mode 0600), ``service.log`` (the process's stdout and stderr), ``agent-state.json``
-(written by the agent: real ports, pid, readiness), ``bundles/`` (the served bundle, copied in)
-and ``work/`` (the agent's extracted models). The bundle is verified before anything starts.
+Layout under ``EDGEDEPLOY_HOME/services/NAME/`` (see :mod:`packager.targets.store`): ``service.json``
+(the record) and ``keys.json`` as for every target, plus ``service.log`` (the process's stdout and
+stderr), ``agent-state.json`` (written by the agent: real ports, pid, readiness), ``bundles/`` (the
+served bundle, copied in) and ``work/`` (the agent's extracted models). The bundle is verified
+before anything starts. The agent re-reads ``keys.json`` when it changes, so a key rotation is
+only a file write.
 """
 
 from __future__ import annotations
@@ -12,43 +14,33 @@ import contextlib
 import json
 import logging
 import os
-import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from edge_agent.atomic import atomic_write_json, read_json
+from edge_agent.atomic import read_json
 from edge_agent.bundle import BundleManifest, bundle_sha256, verify_bundle
-from edge_agent.errors import (
-    AlreadyExistsError,
-    DeploymentError,
-    EdgeDeployError,
-    NotFoundError,
-    UsageError,
-)
+from edge_agent.errors import DeploymentError, EdgeDeployError, NotFoundError, UsageError
 from edge_agent.home import edgedeploy_home
-from packager.targets.base import DeploymentSpec, Service, ServiceState, check_service_name
+from packager.targets.base import DeploymentSpec, Service, ServiceState
+from packager.targets.client import error_text, http_request, probe
+from packager.targets.store import ServiceFiles, ServiceStore
 
-__all__ = ["KEY_NAMES", "LocalTarget", "ServiceFiles", "error_text", "http_request", "services_root"]
+__all__ = ["LocalTarget"]
 
 log = logging.getLogger(__name__)
 
-KEY_NAMES = ("primary", "secondary")
 _STOP_GRACE_S = 10.0
 _KILL_WAIT_S = 5.0
-_PROBE_TIMEOUT_S = 1.0
 _LOAD_TIMEOUT_S = 120.0
 _LOG_TAIL_ON_ERROR = 6
 # Started through a tiny launcher that exits at once: the service is reparented away from the
@@ -62,11 +54,6 @@ _LAUNCHER = (
 )
 
 
-def services_root() -> Path:
-    """``EDGEDEPLOY_HOME/services``, where every service keeps its folder."""
-    return edgedeploy_home() / "services"
-
-
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -78,64 +65,6 @@ def _is_loopback(host: str) -> bool:
 def _client_host(host: str) -> str:
     """The address a client on this machine uses (a wildcard bind is reached on loopback)."""
     return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
-
-
-@dataclass(frozen=True)
-class ServiceFiles:
-    """The paths of one local service."""
-
-    root: Path
-
-    @property
-    def record(self) -> Path:
-        return self.root / "service.json"
-
-    @property
-    def keys(self) -> Path:
-        return self.root / "keys.json"
-
-    @property
-    def log(self) -> Path:
-        return self.root / "service.log"
-
-    @property
-    def agent_state(self) -> Path:
-        return self.root / "agent-state.json"
-
-    @property
-    def bundles(self) -> Path:
-        return self.root / "bundles"
-
-    @property
-    def work(self) -> Path:
-        return self.root / "work"
-
-
-# --- small helpers: HTTP, processes, logs ----------------------------------------------------------
-
-
-def http_request(
-    method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None,
-    timeout: float = 30.0,
-) -> tuple[int, bytes]:
-    """One HTTP request; returns (status, body). Raises DeploymentError when nothing answers."""
-    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - http only
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        with contextlib.closing(exc):
-            return exc.code, exc.read()
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise DeploymentError(f"no answer from {url}: {reason}") from None
-
-
-def _probe(url: str) -> bool:
-    try:
-        return http_request("GET", url, timeout=_PROBE_TIMEOUT_S)[0] == 200
-    except DeploymentError:
-        return False
 
 
 def _alive(pid: int | None, create_time: float | None) -> bool:
@@ -251,47 +180,22 @@ class LocalTarget:
 
     name = "local"
 
-    def __init__(self, root: Path | None = None) -> None:
-        self._root = root
-
-    @property
-    def root(self) -> Path:
-        return self._root if self._root is not None else services_root()
-
-    def claim(self, name: str) -> ServiceFiles:
-        """Create service ``name``'s folder, atomically; AlreadyExistsError when the name is taken."""
-        files = self.files(name)
-        self.root.mkdir(parents=True, exist_ok=True)
-        try:
-            files.root.mkdir()
-        except FileExistsError:
-            raise AlreadyExistsError(
-                f"service {name!r} exists; change it with 'edgedeploy service update {name} --bundle B' "
-                f"or remove it with 'edgedeploy service delete {name}'") from None
-        return files
+    def __init__(self, store: ServiceStore | None = None) -> None:
+        self.store = store or ServiceStore()
 
     def files(self, name: str) -> ServiceFiles:
         """The paths of service ``name`` (which may not exist)."""
-        return ServiceFiles(self.root / check_service_name(name))
-
-    def names(self) -> list[str]:
-        """Names of every service with a record, sorted."""
-        if not self.root.is_dir():
-            return []
-        return sorted(p.parent.name for p in self.root.glob("*/service.json"))
+        return self.store.files(name)
 
     def record(self, name: str) -> dict[str, Any]:
-        """The stored record of ``name``; NotFoundError if there is no such service."""
-        files = self.files(name)
-        try:
-            return dict(read_json(files.record))
-        except FileNotFoundError:
-            raise NotFoundError(f"no service named {name!r}; see 'edgedeploy service list'") from None
-        except ValueError:
-            raise DeploymentError(f"the record of service {name!r} is corrupt: {files.record}") from None
+        """The record of local service ``name``; NotFoundError if there is none."""
+        return self.store.record(name, self.name)
 
     def _save(self, name: str, record: dict[str, Any]) -> None:
-        atomic_write_json(self.files(name).record, record)
+        self.store.save(name, record)
+
+    def close(self) -> None:
+        """Nothing to release: each call opens and closes its own HTTP connection."""
 
     # deploy ----------------------------------------------------------------------------------------
 
@@ -299,7 +203,7 @@ class LocalTarget:
         """Verify the bundle, start ``edge-agent serve`` in the background and (optionally) wait."""
         spec.validate()
         source = _require_bundle_file(spec.bundle)
-        files = self.claim(spec.name)
+        files = self.store.claim(spec.name)
         try:
             self._start(spec, source, files)
             if wait:
@@ -307,7 +211,7 @@ class LocalTarget:
         except BaseException:
             record = self._safe_record(spec.name)
             _stop_process(record.get("pid"), record.get("pid_create_time"))
-            shutil.rmtree(files.root, ignore_errors=True)
+            self.store.remove(spec.name)
             raise
         return self.status(spec.name)
 
@@ -329,21 +233,30 @@ class LocalTarget:
         manifest = verify_bundle(bundle)
         _check_port_free(spec.host, spec.port, "--port")
         _check_port_free(spec.host, spec.grpc_port, "--grpc-port")
-        atomic_write_json(files.keys, _new_keys(), mode=0o600)
+        self.store.write_keys(spec.name, _new_keys())
         record.update(_bundle_fields(manifest, bundle, digest))
         pid = self._spawn(spec, files, bundle, record["model"], auth)
         record.update(pid=pid, pid_create_time=_create_time(pid))
         self._save(spec.name, record)
         log.info("started service %s (pid %s) from %s", spec.name, pid, source)
 
-    def _spawn(self, spec: DeploymentSpec, files: ServiceFiles, bundle: Path, model: str, auth: bool) -> int:
-        files.work.mkdir(parents=True, exist_ok=True)
-        command = [
+    def agent_command(self, spec: DeploymentSpec, files: ServiceFiles, bundle: Path, model: str,
+                      auth: bool) -> list[str]:
+        """The ``edge-agent serve`` command line of a service; a subclass may wrap it (``nice``, say).
+
+        The process it starts must keep the pid of the command (``exec``), since that pid is
+        what ``status`` and ``delete`` follow.
+        """
+        return [
             sys.executable, "-m", "edge_agent.cli", "serve", "--bundle", str(bundle), "--name", model,
             "--host", spec.host, "--http-port", str(spec.port or 0), "--grpc-port", str(spec.grpc_port or 0),
             "--keys-file", str(files.keys), "--auth" if auth else "--no-auth",
             "--state-file", str(files.agent_state), "--workdir", str(files.work),
         ]
+
+    def _spawn(self, spec: DeploymentSpec, files: ServiceFiles, bundle: Path, model: str, auth: bool) -> int:
+        files.work.mkdir(parents=True, exist_ok=True)
+        command = self.agent_command(spec, files, bundle, model, auth)
         env = dict(os.environ, PYTHONUNBUFFERED="1", EDGEDEPLOY_HOME=str(edgedeploy_home()))
         launched = subprocess.run(
             [sys.executable, "-W", "ignore", "-c", _LAUNCHER, str(files.log), *command],
@@ -366,7 +279,7 @@ class LocalTarget:
         while True:
             record = self.record(name)
             agent = _read_agent_state(files)
-            if agent.get("http_port") and _probe(_base_url(record, agent) + "/v2/health/ready"):
+            if agent.get("http_port") and probe(_base_url(record, agent) + "/v2/health/ready"):
                 self._mark_running(name, record, agent)
                 return
             if agent.get("error"):
@@ -401,7 +314,7 @@ class LocalTarget:
         base = f"http://{host}:{http_port}" if http_port else None
         if not alive:
             state = ServiceState.STOPPED
-        elif base and _probe(base + "/v2/health/ready"):
+        elif base and probe(base + "/v2/health/ready"):
             state = ServiceState.HEALTHY
         else:
             starting = record.get("state") == ServiceState.STARTING
@@ -430,19 +343,13 @@ class LocalTarget:
     def keys(self, name: str) -> dict[str, str]:
         """``{"primary_key", "secondary_key"}`` of service ``name``."""
         self.record(name)
-        try:
-            document = read_json(self.files(name).keys)
-        except (FileNotFoundError, ValueError):
-            raise DeploymentError(f"the keys of service {name!r} are missing or corrupt") from None
-        return {f"{which}_key": str(document[f"{which}_key"]) for which in KEY_NAMES}
+        return self.store.keys(name)
 
     def regenerate_key(self, name: str, which: str) -> dict[str, str]:
         """Replace one key; the running service accepts the new key and refuses the old at once."""
-        if which not in KEY_NAMES:
-            raise UsageError(f"--regenerate takes primary or secondary, not {which!r}")
-        keys = self.keys(name)
-        keys[f"{which}_key"] = secrets.token_urlsafe(32)
-        atomic_write_json(self.files(name).keys, keys, mode=0o600)
+        self.record(name)
+        keys = self.store.rotated_keys(name, which)
+        self.store.write_keys(name, keys)
         return keys
 
     # update, delete ----------------------------------------------------------------------------------
@@ -494,7 +401,7 @@ class LocalTarget:
             # A corrupt record still names no one else's process: find ours by its state file.
             record = {"pid": _agent_pid(files)}
         _stop_process(record.get("pid"), record.get("pid_create_time"))
-        shutil.rmtree(files.root, ignore_errors=True)
+        self.store.remove(name)
         log.info("deleted service %s", name)
 
 
@@ -529,14 +436,3 @@ def _base_url(record: dict[str, Any], agent: dict[str, Any]) -> str:
     if not port:
         raise DeploymentError(f"service {record.get('name')!r} has not reported its port yet")
     return f"http://{_client_host(record.get('host', '127.0.0.1'))}:{port}"
-
-
-def error_text(body: bytes) -> str:
-    """The ``error`` message of a JSON error body, else the body's text."""
-    try:
-        document = json.loads(body)
-    except ValueError:
-        return body.decode(errors="replace").strip()[:500] or "(no message)"
-    if isinstance(document, dict) and "error" in document:
-        return str(document["error"])
-    return json.dumps(document)[:500]
