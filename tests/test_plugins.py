@@ -167,6 +167,17 @@ def test_a_target_without_the_protocol_is_refused(tmp_path: Path, monkeypatch: p
         get_target("half")
 
 
+def test_a_package_installed_while_running_is_seen_at_the_next_lookup(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    assert "affine" not in installed_backends()  # read (and kept) before the install
+    install_plugin(site, "late-affine", {RUNTIMES_GROUP: {"affine": "edgedeploy_affine:load"}},
+                   {"edgedeploy_affine": EXAMPLES / "edgedeploy_affine.py"})
+    assert "affine" in installed_backends()
+
+
 def cli(*args: str, site: Path) -> subprocess.CompletedProcess[str]:
     """``edgedeploy ARGS`` in a fresh process that has the plug-in folder on its path."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
