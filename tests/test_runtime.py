@@ -187,7 +187,9 @@ def test_bad_score_bodies_and_unknown_models(tmp_path: Path, signing_key: Signin
         plane, repository = serve(tmp_path, trust, {})
         await repository.load_bundle(bundle)
         try:
-            for body in (b"{not json", {"rows": [[0] * 64]}, {"data": [[0] * 10]}, {"data": "abc"}):
+            deep = b'{"data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"  # recursed past Python's stack before
+            for body in (b"{not json", {"rows": [[0] * 64]}, {"data": [[0] * 10]}, {"data": "abc"}, deep,
+                         b'{"data": [[1e400]]}'):
                 with pytest.raises(InvalidInputError):
                     await plane.score("digits", body)
             with pytest.raises(NotFoundError):
