@@ -156,7 +156,8 @@ def test_unknown_broken_and_ambiguous_plug_ins_are_clear_errors(tmp_path: Path,
         load_model(tmp_path, manifest)
 
 
-def test_a_target_without_the_protocol_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_target_without_the_protocol_or_under_another_name_is_refused(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     source = "class Half:\n    name = 'half'\n    def __init__(self, store):\n        pass\n" \
              "    def deploy(self, spec, wait=True, timeout=60.0):\n        pass\n"
     site = install_plugin(tmp_path / "site", "half-target", {TARGETS_GROUP: {"half": "half_target:Half"}},
@@ -165,6 +166,11 @@ def test_a_target_without_the_protocol_is_refused(tmp_path: Path, monkeypatch: p
     with pytest.raises(UsageError, match="does not implement .*missing wait_ready, status, logs, update, delete, "
                                          "keys, regenerate_key, close"):
         get_target("half")
+    alias = install_plugin(tmp_path / "alias", "alias-target",
+                           {TARGETS_GROUP: {"here": "packager.targets.local:LocalTarget"}}, {})
+    monkeypatch.syspath_prepend(str(alias))
+    with pytest.raises(UsageError, match="'here' calls itself 'local': its entry point must have the same name"):
+        get_target("here")
 
 
 def test_a_package_installed_while_running_is_seen_at_the_next_lookup(tmp_path: Path,

@@ -49,9 +49,13 @@ def get_target(name: str, store: ServiceStore | None = None, **options: Any) -> 
     given = {key: value for key, value in options.items() if value is not None}
     target = factory(store=store or ServiceStore(), **_accepted(factory, given))
     missing = [member for member in _MEMBERS if not callable(getattr(target, member, None))]
-    if missing or getattr(target, "name", None) != name:
+    if missing:
         raise UsageError(f"deploy target {name!r} does not implement packager.targets.DeployTarget "
-                         f"(missing {', '.join(missing) or 'name = ' + repr(name)})")
+                         f"(missing {', '.join(missing)})")
+    if getattr(target, "name", None) != name:
+        # records carry the target's name: a different one would send later calls elsewhere
+        raise UsageError(f"deploy target {name!r} calls itself {getattr(target, 'name', None)!r}: its entry "
+                         "point must have the same name")
     return target
 
 
