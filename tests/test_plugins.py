@@ -33,7 +33,7 @@ from edge_agent.trust import TrustStore
 from packager import services
 from packager.bundle import write_bundle
 from packager.keys import SigningKey
-from packager.targets import get_target, target_names
+from packager.targets import ServiceStore, get_target, target_names
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = Path(__file__).parent / "plugins"
@@ -171,6 +171,16 @@ def test_a_target_without_the_protocol_or_under_another_name_is_refused(tmp_path
     monkeypatch.syspath_prepend(str(alias))
     with pytest.raises(UsageError, match="'here' calls itself 'local': its entry point must have the same name"):
         get_target("here")
+
+
+def test_a_service_whose_target_was_uninstalled_is_a_clear_error(caplog: pytest.LogCaptureFixture) -> None:
+    store = ServiceStore()
+    store.claim("orphan")
+    store.save("orphan", {"name": "orphan", "target": "gone"})
+    with pytest.raises(UsageError, match="no deploy target named 'gone' is installed"):
+        services.get_service("orphan")
+    assert services.list_services() == []
+    assert "skipping service orphan: no deploy target named 'gone'" in caplog.text
 
 
 def test_a_package_installed_while_running_is_seen_at_the_next_lookup(tmp_path: Path,
