@@ -253,6 +253,9 @@ def test_the_runtime_and_target_modules_import_in_one_direction() -> None:
         "edge_agent.runtime.__init__", "edge_agent.runtime.base", "edge_agent.runtime.scoring"}
     assert not _imports(ROOT / "edge_agent" / "runtime" / "base.py") & (backends | {"edge_agent.runtime"})
     assert not _imports(ROOT / "edge_agent" / "runtime" / "scoring.py") & (backends | {"edge_agent.runtime.base"})
+    for module in (ROOT / "edge_agent" / "runtime").glob("*.py"):
+        if module.stem != "onnx":  # an FPGA or entry-script agent need not have onnxruntime
+            assert "edge_agent.runtime.onnx" not in _imports(module), module.name
     for module in (ROOT / "packager" / "targets").glob("*.py"):
         assert "packager.services" not in _imports(module), module.name
 

@@ -19,6 +19,7 @@ from edge_agent.errors import BundleError
 from edge_agent.fpga.csim import CSimModel
 from edge_agent.fpga.postprocess import HostOutputs
 from edge_agent.runtime.base import ModelInfo, TensorScoring, validate_inputs
+from edge_agent.runtime.scoring import parse_score_body
 
 __all__ = ["FirmwareModel", "fpga_cache_dir", "load", "softmax"]
 
@@ -62,8 +63,6 @@ class FirmwareModel(TensorScoring):
 
     def score(self, body: Any, content_type: str) -> Any:
         """As :meth:`TensorScoring.score`, with ZipMap outputs as onnxruntime's list of dicts."""
-        from edge_agent.runtime.onnx import parse_score_body
-
         named = parse_score_body(body, [spec.name for spec in self.info.inputs])
         return self.host_outputs.to_json(self.infer(validate_inputs(self.info.inputs, named)))
 
