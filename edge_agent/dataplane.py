@@ -7,24 +7,56 @@ to its own status in one place.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from edge_agent.errors import InvalidInputError, NotFoundError, UsageError
+import numpy as np
+
+from edge_agent.errors import InvalidInputError, NotFoundError, OverloadedError, UsageError
 from edge_agent.inference import InferRequest, InferResponse, ModelState
 from edge_agent.metrics import MetricsRegistry
 from edge_agent.repository import ModelEntry, ModelRepository
 from edge_agent.runtime.base import LoadedModel, validate_inputs
+from edge_agent.tensors import TensorSpec, numpy_to_v2
 
-__all__ = ["SERVER_NAME", "DataPlane"]
+__all__ = ["DEFAULT_MAX_INFLIGHT_BYTES", "SERVER_NAME", "DataPlane", "InflightBytes"]
 
 SERVER_NAME = "edgedeploy"
 _EXTENSIONS = ["model_repository", "statistics", "binary_tensor_data", "edgedeploy_score"]
 T = TypeVar("T")
 _INLINE_MAX_ROWS = 64
+
+
+DEFAULT_MAX_INFLIGHT_BYTES = 256 * 1024 * 1024  # four requests of the default 64 MiB limit at once
+
+
+class InflightBytes:
+    """The request bytes a server is answering at once, bounded: beyond ``limit`` a request is refused.
+
+    Both adapters run on one event loop, so a plain counter is enough. A request larger than the
+    whole limit is still admitted when nothing else is in flight, so a limit below the largest
+    accepted request slows such requests down instead of refusing them forever.
+    """
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.held = 0
+
+    @contextlib.contextmanager
+    def hold(self, size: int) -> Iterator[None]:
+        """Count ``size`` bytes while the block runs; OverloadedError when they do not fit."""
+        if self.limit is not None and self.held and self.held + size > self.limit:
+            raise OverloadedError(f"the server is answering {self.held} request bytes, its limit is {self.limit} "
+                                  f"(max_inflight_bytes); this {size}-byte request was refused, retry later")
+        self.held += size
+        try:
+            yield
+        finally:
+            self.held -= size
 
 
 def _server_version() -> str:
@@ -120,6 +152,7 @@ class DataPlane:
                 if request.model_version not in (None, "", entry.version):
                     raise NotFoundError(f"model {request.model_name!r} has no version {request.model_version!r}")
                 specs = entry.info.inputs
+                _check_datatypes(specs, request.inputs)
                 inputs = validate_inputs(specs, request.inputs) if specs else request.inputs
                 model = entry.model
                 assert model is not None
@@ -163,6 +196,18 @@ class DataPlane:
 
     async def unload(self, name: str) -> None:
         await self.repository.unload(name)
+
+
+def _check_datatypes(specs: list[TensorSpec], inputs: dict[str, Any]) -> None:
+    """A tensor's declared datatype must be the model's, as Triton checks: INT64 data for an FP32
+    input is refused rather than cast, since the cast hides a client bug (and loses precision)."""
+    for spec in specs:
+        value = inputs.get(spec.name)
+        if isinstance(value, np.ndarray) and value.dtype.kind not in "OSU":
+            datatype = numpy_to_v2(value.dtype)
+            if datatype != spec.datatype:
+                raise InvalidInputError(f"input {spec.name!r} has dtype {value.dtype} (datatype {datatype}); "
+                                        f"the model expects {spec.datatype}")
 
 
 def _runs_inline(model: LoadedModel, inputs: dict[str, Any]) -> bool:

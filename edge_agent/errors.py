@@ -20,6 +20,7 @@ __all__ = [
     "InvalidInputError",
     "ModelNotReadyError",
     "NotFoundError",
+    "OverloadedError",
     "PackagingError",
     "PayloadTooLargeError",
     "SignatureError",
@@ -109,6 +110,10 @@ class InvalidInputError(EdgeDeployError):
 
 class PayloadTooLargeError(InvalidInputError):
     """An inference request is larger than the configured limit."""
+
+
+class OverloadedError(EdgeDeployError):
+    """The server already holds as many request bytes as its limit allows; retry later."""
 
 
 class ModelNotReadyError(EdgeDeployError):

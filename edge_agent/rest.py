@@ -17,21 +17,12 @@ import numpy as np
 from aiohttp import web
 
 from edge_agent.auth import AuthKeys
-from edge_agent.dataplane import DataPlane
-from edge_agent.errors import (
-    AuthError,
-    BundleError,
-    EdgeDeployError,
-    InferenceError,
-    InvalidInputError,
-    ModelNotReadyError,
-    NotFoundError,
-    PayloadTooLargeError,
-    UsageError,
-    ValidationError,
-)
-from edge_agent.grpc.converters import decode_bytes, encode_bytes
+from edge_agent.dataplane import DataPlane, InflightBytes
+from edge_agent.error_status import http_status
+from edge_agent.errors import EdgeDeployError, InvalidInputError, ValidationError
+from edge_agent.grpc.converters import decode_bytes, element_count, encode_bytes
 from edge_agent.inference import InferRequest, InferResponse
+from edge_agent.jsonlimits import loads_bounded
 from edge_agent.metrics import LATENCY_BUCKETS_MS
 from edge_agent.openapi import score_openapi
 from edge_agent.tensors import numpy_to_v2, v2_to_numpy
@@ -40,25 +31,12 @@ __all__ = ["build_app"]
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_OPEN_PATHS = ("/v2/health/live", "/v2/health/ready", "/swagger.json")
+# /swagger.json needs the key too when auth is on: it shows model names, tensors and the bundle's samples
+_OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")
 _HEADER_LENGTH = "Inference-Header-Content-Length"
-_STATUS: tuple[tuple[type[EdgeDeployError], int], ...] = (
-    (PayloadTooLargeError, 413),
-    (InvalidInputError, 400),
-    (UsageError, 400),
-    (ValidationError, 400),
-    (BundleError, 400),
-    (AuthError, 401),
-    (NotFoundError, 404),
-    (ModelNotReadyError, 503),
-    (InferenceError, 500),
-)
 DATAPLANE = web.AppKey("dataplane", DataPlane)
 KEYS = web.AppKey("keys", AuthKeys)
-
-
-def _status_of(error: EdgeDeployError) -> int:
-    return next((status for kind, status in _STATUS if isinstance(error, kind)), 500)
+INFLIGHT = web.AppKey("inflight", InflightBytes)
 
 
 @web.middleware
@@ -66,14 +44,14 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except EdgeDeployError as exc:
-        status = _status_of(exc)
+        status = http_status(exc)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         return web.json_response({"error": str(exc)}, status=status, headers=headers)
     except web.HTTPRequestEntityTooLarge as exc:
         return web.json_response({"error": f"request body too large: {exc.text}"}, status=413)
     except web.HTTPException:
         raise
-    except Exception:  # a bug: answer 500 without internals, keep serving
+    except Exception:  # noqa: BLE001 - a bug: answer 500 without internals, keep serving
         log.exception("unexpected error answering %s %s", request.method, request.path)
         return web.json_response({"error": "internal server error"}, status=500)
 
@@ -85,15 +63,29 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     return await handler(request)
 
 
+@web.middleware
+async def _admission(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Hold a body's bytes against the server's in-flight limit while it is answered (503 beyond it)."""
+    if request.method != "POST":
+        return await handler(request)
+    size = request.content_length
+    if size is None:  # chunked: the body is read (within client_max_size) to learn its size
+        size = len(await request.read())
+    with request.app[INFLIGHT].hold(size):
+        return await handler(request)
+
+
 def _dp(request: web.Request) -> DataPlane:
     return request.app[DATAPLANE]
 
 
+def _parse_json(body: bytes) -> Any:
+    """A JSON request body, refused (400) when it is invalid, too deep or holds NaN/Infinity/1e400."""
+    return loads_bounded(body, what="the request body")
+
+
 async def _json_body(request: web.Request) -> Any:
-    try:
-        return json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidInputError("the request body is not valid JSON") from None
+    return _parse_json(await request.read())
 
 
 # --- health and metadata ---------------------------------------------------------------------------
@@ -132,15 +124,14 @@ async def model_ready(request: web.Request) -> web.Response:
 def _split_binary(request: web.Request, body: bytes) -> tuple[dict[str, Any], bytes]:
     header = request.headers.get(_HEADER_LENGTH)
     if header is None:
-        document = json.loads(body)
-        return document, b""
+        return _parse_json(body), b""
     try:
         length = int(header)
     except ValueError:
         raise InvalidInputError(f"{_HEADER_LENGTH} is not a number") from None
     if not 0 <= length <= len(body):
         raise InvalidInputError(f"{_HEADER_LENGTH} {length} is outside the body")
-    return json.loads(body[:length]), body[length:]
+    return _parse_json(body[:length]), body[length:]
 
 
 def _decode_tensor(spec: dict[str, Any], binary: memoryview, offset: int) -> tuple[np.ndarray, int]:
@@ -154,8 +145,10 @@ def _decode_tensor(spec: dict[str, Any], binary: memoryview, offset: int) -> tup
         dtype = v2_to_numpy(datatype)
     except ValidationError:
         raise InvalidInputError(f"input {name!r}: unknown datatype {datatype!r}") from None
-    count = int(np.prod(shape)) if shape else 1
+    count = element_count(name, shape)
     size = (spec.get("parameters") or {}).get("binary_data_size")
+    if size is not None and "data" in spec:
+        raise InvalidInputError(f"input {name!r} has both 'data' and binary_data_size; send one")
     if size is not None:
         if not isinstance(size, int) or size < 0 or offset + size > len(binary):
             raise InvalidInputError(f"input {name!r}: binary_data_size is outside the body")
@@ -184,6 +177,8 @@ def _parse_infer(name: str, version: str | None, document: Any, binary: bytes) -
         if not isinstance(spec, dict):
             raise InvalidInputError("each input must be a JSON object")
         array, offset = _decode_tensor(spec, view, offset)
+        if spec["name"] in inputs:
+            raise InvalidInputError(f"input {spec['name']!r} appears twice")
         inputs[spec["name"]] = array
     outputs = document.get("outputs") or []
     if not isinstance(outputs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
@@ -221,11 +216,7 @@ def _format_infer(response: InferResponse, binary_out: set[str], all_binary: boo
 
 
 async def infer(request: web.Request) -> web.Response:
-    body = await request.read()
-    try:
-        document, binary = _split_binary(request, body)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidInputError("the request body is not valid JSON") from None
+    document, binary = _split_binary(request, await request.read())
     parsed, binary_out, all_binary = _parse_infer(request.match_info["name"], _version(request), document, binary)
     return _format_infer(await _dp(request).infer(parsed), binary_out, all_binary)
 
@@ -236,10 +227,7 @@ async def score(request: web.Request) -> web.Response:
     body = await request.read()
     content_type = request.content_type or "application/octet-stream"
     if content_type == "application/json":
-        try:
-            json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise InvalidInputError("the request body is not valid JSON") from None
+        _parse_json(body)  # refuse what the model's own parser would choke on (depth, NaN) with a 400
     result = await dataplane.score(name, body, content_type)
     return web.json_response(result)
 
@@ -297,11 +285,13 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
 
 
-def build_app(dataplane: DataPlane, keys: AuthKeys, max_request_bytes: int) -> web.Application:
-    """The aiohttp application serving ``dataplane``."""
-    app = web.Application(middlewares=[_errors, _auth], client_max_size=max_request_bytes)
+def build_app(dataplane: DataPlane, keys: AuthKeys, max_request_bytes: int,
+              inflight: InflightBytes | None = None) -> web.Application:
+    """The aiohttp application serving ``dataplane``; ``inflight`` bounds the bytes of bodies in flight."""
+    app = web.Application(middlewares=[_errors, _auth, _admission], client_max_size=max_request_bytes)
     app[DATAPLANE] = dataplane
     app[KEYS] = keys
+    app[INFLIGHT] = inflight or InflightBytes(None)
     model = "/v2/models/{name}"
     versioned = "/v2/models/{name}/versions/{version}"
     app.add_routes([

@@ -14,9 +14,8 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from edge_agent.auth import AuthKeys
-from edge_agent.dataplane import DataPlane
-from edge_agent.grpc import grpc_service_pb2_grpc
-from edge_agent.grpc.servicer import AuthInterceptor, InferenceServicer
+from edge_agent.dataplane import DEFAULT_MAX_INFLIGHT_BYTES, DataPlane, InflightBytes
+from edge_agent.grpc.servicer import AuthInterceptor, InferenceServicer, add_to_server
 from edge_agent.handover import listening_socket, release_steering, steer_to_newer
 from edge_agent.rest import build_app
 
@@ -38,6 +37,8 @@ class ServingConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    # bytes of requests answered at once, REST and gRPC together; beyond it 503 / RESOURCE_EXHAUSTED
+    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES
     # share the ports with the server being replaced (see edge_agent.handover)
     reuse_port: bool = False
     handover_drain_seconds: float = 0.5
@@ -50,6 +51,7 @@ class ServingApp:
         self.dataplane = dataplane
         self.config = config
         self.keys = AuthKeys(config.keys_file, config.auth_enabled)
+        self.inflight = InflightBytes(config.max_inflight_bytes)
         self.http_port = 0
         self.grpc_port = 0
         self._grpc: grpc.aio.Server | None = None
@@ -75,7 +77,7 @@ class ServingApp:
         server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", int(self.config.reuse_port))])
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.dataplane), server)
+        add_to_server(InferenceServicer(self.dataplane, self.inflight), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         address = f"{self.config.host}:{self.config.grpc_port}"
         if self.config.tls_cert and self.config.tls_key:
@@ -97,7 +99,7 @@ class ServingApp:
             await result
 
     async def _start_http(self) -> None:
-        app = build_app(self.dataplane, self.keys, self.config.max_request_bytes)
+        app = build_app(self.dataplane, self.keys, self.config.max_request_bytes, self.inflight)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         context = None

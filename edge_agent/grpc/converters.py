@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import struct
 from typing import Any
 
@@ -12,7 +13,9 @@ from edge_agent.grpc import oip_messages_pb2 as pb
 from edge_agent.inference import InferRequest, InferResponse
 from edge_agent.tensors import numpy_to_v2, v2_to_numpy
 
-__all__ = ["decode_bytes", "encode_bytes", "request_from_proto", "response_to_proto"]
+__all__ = ["decode_bytes", "element_count", "encode_bytes", "request_from_proto", "response_to_proto"]
+
+_MAX_ELEMENTS = 2**62  # numpy refuses larger arrays; a shape beyond it can only be a forged one
 
 # which InferTensorContents field carries each datatype
 _CONTENTS = {
@@ -48,6 +51,18 @@ def decode_bytes(raw: bytes, count: int) -> np.ndarray:
     return np.array(items, dtype=np.object_)
 
 
+def element_count(name: str, shape: list[int]) -> int:
+    """How many values ``shape`` holds, in Python integers (``np.prod`` wraps around at 2**63).
+
+    InvalidInputError for a negative dimension or a shape no array can have, even with a zero in it.
+    """
+    if any(d < 0 for d in shape):
+        raise InvalidInputError(f"input {name!r}: negative dimension in shape {shape}")
+    if math.prod(max(d, 1) for d in shape) >= _MAX_ELEMENTS:
+        raise InvalidInputError(f"input {name!r}: shape {shape} is larger than any tensor can be")
+    return math.prod(shape)
+
+
 def _dtype(datatype: str, name: str) -> np.dtype:
     try:
         return v2_to_numpy(datatype)
@@ -57,11 +72,12 @@ def _dtype(datatype: str, name: str) -> np.dtype:
 
 def _decode_input(tensor: Any, raw: bytes | None) -> np.ndarray:
     shape = [int(d) for d in tensor.shape]
-    if any(d < 0 for d in shape):
-        raise InvalidInputError(f"input {tensor.name!r}: negative dimension in shape {shape}")
-    count = int(np.prod(shape)) if shape else 1
+    count = element_count(tensor.name, shape)
     dtype = _dtype(tensor.datatype, tensor.name)
     if raw is not None:
+        if tensor.contents.ListFields():
+            raise InvalidInputError(f"input {tensor.name!r} has both typed contents and raw_input_contents; "
+                                    "send one")
         if tensor.datatype == "BYTES":
             return decode_bytes(raw, count).reshape(shape)
         if len(raw) != count * dtype.itemsize:
@@ -83,8 +99,9 @@ def request_from_proto(request: Any) -> tuple[InferRequest, bool]:
     if raw and len(raw) != len(request.inputs):
         raise InvalidInputError(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
     names = [t.name for t in request.inputs]
-    if len(set(names)) != len(names):
-        raise InvalidInputError("an input name appears twice")
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise InvalidInputError(f"input {twice[0]!r} appears twice")
     inputs = {t.name: _decode_input(t, raw[i] if raw else None) for i, t in enumerate(request.inputs)}
     outputs = [o.name for o in request.outputs] or None
     parameters = {k: getattr(v, v.WhichOneof("parameter_choice") or "string_param")

@@ -1,6 +1,8 @@
 """The gRPC adapter: each RPC converts the request, calls the data plane, converts back.
 
-Errors become gRPC status codes in one place (:func:`_status_of`); auth is one interceptor.
+Errors become gRPC status codes in one place (:func:`_mapped`, from ``edge_agent.error_status``);
+auth is one interceptor. Requests are parsed here rather than by grpc (:func:`add_to_server`), so a
+malformed protobuf answers INVALID_ARGUMENT instead of grpc's own UNKNOWN.
 """
 
 from __future__ import annotations
@@ -11,23 +13,17 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from edge_agent.auth import AuthKeys
-from edge_agent.dataplane import DataPlane
-from edge_agent.errors import (
-    AuthError,
-    EdgeDeployError,
-    InvalidInputError,
-    ModelNotReadyError,
-    NotFoundError,
-    UsageError,
-    ValidationError,
-)
+from edge_agent.dataplane import DataPlane, InflightBytes
+from edge_agent.error_status import grpc_code_name
+from edge_agent.errors import AuthError, EdgeDeployError, InvalidInputError
 from edge_agent.grpc import grpc_service_pb2_grpc as services
 from edge_agent.grpc import oip_messages_pb2 as pb
 from edge_agent.grpc.converters import request_from_proto, response_to_proto
 
-__all__ = ["AuthInterceptor", "InferenceServicer"]
+__all__ = ["AuthInterceptor", "InferenceServicer", "add_to_server"]
 
 log = logging.getLogger(__name__)
 _OPEN_METHODS = ("/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ServerReady",
@@ -35,23 +31,32 @@ _OPEN_METHODS = ("/inference.GRPCInferenceService/ServerLive", "/inference.GRPCI
 
 
 def _status_of(error: EdgeDeployError) -> grpc.StatusCode:
-    if isinstance(error, InvalidInputError | UsageError | ValidationError):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(error, NotFoundError):
-        return grpc.StatusCode.NOT_FOUND
-    if isinstance(error, ModelNotReadyError):
-        return grpc.StatusCode.UNAVAILABLE
-    if isinstance(error, AuthError):
-        return grpc.StatusCode.UNAUTHENTICATED
-    if isinstance(error, EdgeDeployError) and type(error).__name__.endswith("BundleError"):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    return grpc.StatusCode.INTERNAL
+    return grpc.StatusCode[grpc_code_name(error)]
+
+
+class _Malformed:
+    """What a request that is not its protobuf message parses to; the handler refuses it."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return _Malformed(exc)
+
+    return deserialize
 
 
 def _mapped(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            if isinstance(request, _Malformed):
+                raise InvalidInputError(f"the request is not a valid protobuf message: {request.error}")
             return await method(self, request, context)
         except EdgeDeployError as exc:
             await context.abort(_status_of(exc), str(exc))
@@ -67,8 +72,9 @@ def _tensor_metadata(specs: list[dict[str, Any]]) -> list[Any]:
 class InferenceServicer(services.GRPCInferenceServiceServicer):
     """``inference.GRPCInferenceService`` over a :class:`DataPlane`."""
 
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(self, dataplane: DataPlane, inflight: InflightBytes | None = None) -> None:
         self.dataplane = dataplane
+        self.inflight = inflight or InflightBytes(None)
 
     @_mapped
     async def ServerLive(self, request: Any, context: Any) -> Any:
@@ -95,8 +101,10 @@ class InferenceServicer(services.GRPCInferenceServiceServicer):
 
     @_mapped
     async def ModelInfer(self, request: Any, context: Any) -> Any:
-        infer_request, raw = request_from_proto(request)
-        return response_to_proto(await self.dataplane.infer(infer_request), raw)
+        # grpc has received the whole message by now; refusing it still spares the copies decoding makes
+        with self.inflight.hold(request.ByteSize()):
+            infer_request, raw = request_from_proto(request)
+            return response_to_proto(await self.dataplane.infer(infer_request), raw)
 
     @_mapped
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:
@@ -136,3 +144,31 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_unary_rpc_method_handler(deny)
         return await continuation(details)
+
+
+class _CapturingServer:
+    """Collects the handlers the generated ``add_..._to_server`` registers, so they can be rewrapped."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        """Ignored: the registered handlers below carry the same methods."""
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.service, self.handlers = service, handlers
+
+
+def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """Register ``servicer`` like the generated code does, but with a request parser that never raises."""
+    captured = _CapturingServer()
+    services.add_GRPCInferenceServiceServicer_to_server(servicer, captured)
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            handler.unary_unary, request_deserializer=_lenient(handler.request_deserializer),
+            response_serializer=handler.response_serializer)
+        for name, handler in captured.handlers.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(captured.service, handlers),))
+    server.add_registered_method_handlers(captured.service, handlers)
