@@ -113,3 +113,6 @@ def _check_fields(kind: str, message: dict[str, Any]) -> None:
     missing = [name for name in _REQUIRED[kind] if name not in message]
     if missing:
         raise ValidationError(f"{kind} message lacks field(s): {', '.join(missing)}")
+    if kind == "desired" and not isinstance(message["model"], dict):
+        raise ValidationError(f"desired message: 'model' must be an object with 'name' and 'version', "
+                              f"got {type(message['model']).__name__}")

@@ -47,3 +47,11 @@ def test_messages_carry_schema_version_and_required_fields() -> None:
 def test_malformed_messages_are_refused_not_crashing(payload: bytes) -> None:
     with pytest.raises(ValidationError):
         parse_message("status", payload)
+
+
+@pytest.mark.parametrize("model", ["digits", ["digits"], 3, None])
+def test_an_order_whose_model_is_not_an_object_is_refused(model: object) -> None:
+    order = {"schema": 1, "deployment_id": "d-1", "bundle_url": "http://x/b.edb", "bundle_sha256": "0" * 64,
+             "model": model}
+    with pytest.raises(ValidationError, match="'model' must be an object"):
+        parse_message("desired", json.dumps(order).encode())
