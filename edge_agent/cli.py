@@ -31,6 +31,7 @@ __all__ = ["ServeConfig", "build_parser", "main", "serve"]
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_INFLIGHT_BYTES = 256 * 1024 * 1024  # as edge_agent.dataplane's, without importing numpy here
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,6 +58,7 @@ class ServeConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES
     reuse_port: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -99,7 +101,11 @@ def _add_serve_options(parser: argparse.ArgumentParser) -> None:
                         help="trust this public key (repeatable; default: the local trust store)")
     parser.add_argument("--tls-cert", type=Path)
     parser.add_argument("--tls-key", type=Path)
-    parser.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES)
+    parser.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                        help="largest request body or gRPC message (default 64 MiB)")
+    parser.add_argument("--max-inflight-bytes", type=int, default=DEFAULT_MAX_INFLIGHT_BYTES,
+                        help="request bytes answered at once, REST and gRPC together; beyond it 503 / "
+                             "RESOURCE_EXHAUSTED (default 256 MiB)")
     parser.add_argument("--reuse-port", action="store_true",
                         help="share the ports with the server this one replaces (zero-downtime container update)")
     parser.add_argument("--print-config", action="store_true", dest="serve_print_config",
@@ -116,15 +122,16 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         raise UsageError("auth is on but no --keys-file was given; pass one, or --no-auth")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UsageError("--tls-cert and --tls-key go together")
-    if args.max_request_bytes <= 0:
-        raise UsageError("--max-request-bytes must be positive")
+    if args.max_request_bytes <= 0 or args.max_inflight_bytes <= 0:
+        raise UsageError("--max-request-bytes and --max-inflight-bytes must be positive")
     bundle = args.bundle.expanduser().resolve()
     workdir = args.workdir or bundle.parent / f".{bundle.stem}-work"
     return ServeConfig(
         bundle=bundle, name=args.name, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
         keys_file=args.keys_file, auth_enabled=auth, state_file=args.state_file, workdir=workdir,
         trusted_keys=list(args.trusted_key), tls_cert=args.tls_cert, tls_key=args.tls_key,
-        max_request_bytes=args.max_request_bytes, reuse_port=args.reuse_port,
+        max_request_bytes=args.max_request_bytes, max_inflight_bytes=args.max_inflight_bytes,
+        reuse_port=args.reuse_port,
     )
 
 
@@ -192,7 +199,7 @@ def _serving_config(factory: Any, config: ServeConfig) -> Any:
         host=config.host, http_port=config.http_port, grpc_port=config.grpc_port,
         keys_file=config.keys_file, auth_enabled=config.auth_enabled,
         tls_cert=config.tls_cert, tls_key=config.tls_key, max_request_bytes=config.max_request_bytes,
-        reuse_port=config.reuse_port,
+        max_inflight_bytes=config.max_inflight_bytes, reuse_port=config.reuse_port,
     )
 
 

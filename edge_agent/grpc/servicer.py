@@ -34,19 +34,23 @@ def _status_of(error: EdgeDeployError) -> grpc.StatusCode:
     return grpc.StatusCode[grpc_code_name(error)]
 
 
-class _Malformed:
-    """What a request that is not its protobuf message parses to; the handler refuses it."""
+class _Refused:
+    """What a request parses to when it is refused unparsed; the handler answers ``error``."""
 
-    def __init__(self, error: Exception) -> None:
+    def __init__(self, error: EdgeDeployError) -> None:
         self.error = error
 
 
-def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+def _lenient(parse: Callable[[bytes], Any], inflight: InflightBytes | None = None) -> Callable[[bytes], Any]:
+    """A request parser that never raises, and refuses a message beyond ``inflight`` before parsing it
+    (parsing copies the message once more: with 100 calls of 10 MB, that is another GB)."""
     def deserialize(data: bytes) -> Any:
+        if inflight is not None and not inflight.fits(len(data)):
+            return _Refused(inflight.refusal(len(data)))
         try:
             return parse(data)
         except DecodeError as exc:
-            return _Malformed(exc)
+            return _Refused(InvalidInputError(f"the request is not a valid protobuf message: {exc}"))
 
     return deserialize
 
@@ -55,8 +59,8 @@ def _mapped(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[An
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            if isinstance(request, _Malformed):
-                raise InvalidInputError(f"the request is not a valid protobuf message: {request.error}")
+            if isinstance(request, _Refused):
+                raise request.error
             return await method(self, request, context)
         except EdgeDeployError as exc:
             await context.abort(_status_of(exc), str(exc))
@@ -166,8 +170,9 @@ def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
     services.add_GRPCInferenceServiceServicer_to_server(servicer, captured)
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
-            handler.unary_unary, request_deserializer=_lenient(handler.request_deserializer),
-            response_serializer=handler.response_serializer)
+            handler.unary_unary, response_serializer=handler.response_serializer,
+            request_deserializer=_lenient(handler.request_deserializer,
+                                          servicer.inflight if name == "ModelInfer" else None))
         for name, handler in captured.handlers.items()
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(captured.service, handlers),))
