@@ -229,8 +229,10 @@ def _run_serve(args: argparse.Namespace, print_config: bool) -> int:
 def _run_daemon(args: argparse.Namespace) -> int:
     agent_config = importlib.import_module("edge_agent.config")
 
+    loaded = agent_config.load_agent_config(args.config)
+    # main() configured logging before the config was read: the file's log_level applies from here on
+    logging.getLogger().setLevel(logging.DEBUG if args.verbose else loaded.log_level)
     if args.check or args.print_config:
-        loaded = agent_config.load_agent_config(args.config)
         if args.print_config:
             print(json.dumps(_as_dict(loaded), indent=2, sort_keys=True, default=str))
         else:

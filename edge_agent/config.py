@@ -53,7 +53,7 @@ AGENT_CONFIG_SCHEMA: dict[str, Any] = {
         "keepalive_s": {"type": "integer", "minimum": 5},
         "reconnect_min_s": {"type": "number", "exclusiveMinimum": 0},
         "reconnect_max_s": {"type": "number", "exclusiveMinimum": 0},
-        "log_level": {"enum": ["DEBUG", "INFO", "WARNING", "ERROR"]},
+        "log_level": {"type": "string", "pattern": "^(?i:debug|info|warning|error)$"},
         "simulate_accelerators": {"type": "boolean"},
         "mqtt_version": {"enum": list(MQTT_VERSION_NAMES) + [5]},  # YAML reads a bare 5 as a number
         "download_deadline_s": {"type": "number", "exclusiveMinimum": 0},
@@ -154,6 +154,7 @@ def parse_agent_config(document: Any, base: Path | None = None, source: str = "a
             values[key] = path(values[key])
     values["tags"] = {str(k): str(v) for k, v in (values.get("tags") or {}).items()}
     values["mqtt_version"] = str(values.get("mqtt_version", "auto"))
+    values["log_level"] = str(values.get("log_level", "INFO")).upper()  # `debug` as well as `DEBUG`
     config = AgentConfig(**values)
     if config.reconnect_max_s < config.reconnect_min_s:
         raise ValidationError(f"{source}: reconnect_max_s must be >= reconnect_min_s")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,28 @@ def test_mqtt_version_and_download_limits_have_defaults_and_are_checked(tmp_path
     for bad in ({"mqtt_version": "3"}, {"download_deadline_s": 0}, {"download_min_bytes_per_s": -1}):
         with pytest.raises(ValidationError, match=next(iter(bad))):
             load_agent_config(write(tmp_path, {**GOOD, **bad}))
+
+
+@pytest.mark.parametrize("level", ["debug", "DEBUG"])
+def test_log_level_of_agent_yaml_applies_to_edge_agent_config(tmp_path: Path, level: str) -> None:
+    from packager.targets.base import free_port
+
+    doc = {**GOOD, "broker": f"mqtt://127.0.0.1:{free_port()}", "trusted_keys": [], "http_port": 0,
+           "log_level": level}
+    lines: list[str] = []
+    with subprocess.Popen([sys.executable, "-m", "edge_agent.cli", "--config", str(write(tmp_path, doc))],
+                          cwd=ROOT, stderr=subprocess.PIPE, text=True) as process:
+        assert process.stderr is not None
+        stderr = process.stderr
+
+        def read() -> None:  # the agent retries the absent broker, logging at DEBUG meanwhile
+            for line in stderr:
+                lines.append(line)
+                if " DEBUG " in line:
+                    return
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(30)
+        process.terminate()
+    assert any(" DEBUG " in line for line in lines), "".join(lines)
