@@ -31,7 +31,7 @@ def exit_code_of(body: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - the one place that turns a bug into a clean exit
+    except Exception as exc:  # the one place that turns a bug into a clean exit
         if os.environ.get("EDGEDEPLOY_DEBUG"):
             raise
         print(f"error: internal error: {type(exc).__name__}: {exc} (set EDGEDEPLOY_DEBUG=1 for details)",

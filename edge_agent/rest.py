@@ -51,7 +51,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return web.json_response({"error": f"request body too large: {exc.text}"}, status=413)
     except web.HTTPException:
         raise
-    except Exception:  # noqa: BLE001 - a bug: answer 500 without internals, keep serving
+    except Exception:  # a bug: answer 500 without internals, keep serving
         log.exception("unexpected error answering %s %s", request.method, request.path)
         return web.json_response({"error": "internal server error"}, status=500)
 

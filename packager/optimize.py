@@ -31,7 +31,7 @@ def optimize_model(source: Path, target: Path, level: str = "extended") -> Path:
     options.optimized_model_filepath = str(target)
     try:
         ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own untyped errors for bad graphs
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors for bad graphs
         raise ValidationError(f"onnxruntime cannot load {source}: {exc}") from None
     return target
 

@@ -54,7 +54,7 @@ def serving(workdir: Path, bundles: list[Path], **config: Any) -> Iterator[Runni
                 await repository.load_bundle(bundle)
             await app.start()
             started["server"] = RunningServer(app.http_port, app.grpc_port, dataplane, loop)
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread, which raises it
             started["error"] = exc
             await repository.close()
             return

@@ -121,7 +121,7 @@ def _eventually(check: Any, timeout: float = 10.0) -> None:
         try:
             if check():
                 return
-        except Exception:  # noqa: BLE001 - retried until the deadline, then re-raised
+        except Exception:  # retried until the deadline, then re-raised
             if time.monotonic() > deadline:
                 raise
         if time.monotonic() > deadline:

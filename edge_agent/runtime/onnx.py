@@ -53,7 +53,7 @@ class OnnxModel(TensorScoring):
         options.inter_op_num_threads = 1
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
-        except Exception as exc:  # onnxruntime's own error types are not exported
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's own error types are not exported
             raise BundleError(f"onnxruntime cannot load {path.name}: {exc}") from None
         self.info = info
         self.info.details["execution_providers"] = self.session.get_providers()

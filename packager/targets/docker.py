@@ -10,6 +10,7 @@ verifies the bundle at start with the same code as a device, trusting the key(s)
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import logging
 import os
@@ -148,6 +149,16 @@ class DockerTarget:
         except ValueError:
             return False
 
+    def _ready_now(self, container: Any, url: str) -> bool:
+        """One readiness check; a server not listening yet, or an exec refused meanwhile, is "not yet"."""
+        import docker
+
+        try:
+            return self._container_ready(container) and http_request("GET", url, timeout=2)[0] == 200
+        except (DeploymentError, http.client.HTTPException, docker.errors.APIError) as exc:
+            log.debug("container %s not ready yet: %s", container.name, exc)
+            return False
+
     def _wait_container(self, container: Any, http_port: int, timeout: float) -> None:
         url = f"http://127.0.0.1:{http_port}/v2/health/ready"
         deadline = time.monotonic() + timeout
@@ -156,11 +167,8 @@ class DockerTarget:
             if container.status in ("exited", "dead"):
                 logs = container.logs(tail=20).decode(errors="replace")
                 raise DeploymentError(f"container {container.name} stopped at start:\n{logs}")
-            try:
-                if self._container_ready(container) and http_request("GET", url, timeout=2)[0] == 200:
-                    return
-            except Exception:  # noqa: BLE001 - not listening yet
-                pass
+            if self._ready_now(container, url):
+                return
             time.sleep(0.3)
         raise DeploymentError(f"container {container.name} was not ready within {timeout:.0f} s")
 
@@ -233,7 +241,7 @@ class DockerTarget:
         if running:
             try:
                 ok = http_request("GET", base + "/v2/health/ready", timeout=2)[0] == 200
-            except Exception:  # noqa: BLE001 - a probe failure is a state, not an error
+            except (DeploymentError, http.client.HTTPException):  # a probe failure is a state, not an error
                 ok = False
             state = ServiceState.HEALTHY if ok else ServiceState.STARTING
         return Service(
