@@ -19,19 +19,17 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edge_agent.atomic import atomic_write_json
 from edge_agent.errors import EdgeDeployError, NotFoundError, UsageError
+from edge_agent.serving_config import DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_MAX_REQUEST_BYTES, ServingConfig
 
 __all__ = ["ServeConfig", "build_parser", "main", "serve"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
-DEFAULT_MAX_INFLIGHT_BYTES = 256 * 1024 * 1024  # as edge_agent.dataplane's, without importing numpy here
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,25 +39,16 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-@dataclass
-class ServeConfig:
-    """The one configuration of an ``edge-agent serve`` process (printed by ``--print-config``)."""
+@dataclasses.dataclass(kw_only=True)
+class ServeConfig(ServingConfig):
+    """The one configuration of an ``edge-agent serve`` process (printed by ``--print-config``):
+    the server settings plus what to serve."""
 
     bundle: Path
     name: str | None = None
-    host: str = "127.0.0.1"
-    http_port: int = 0
-    grpc_port: int = 0
-    keys_file: Path | None = None
-    auth_enabled: bool = False
     state_file: Path | None = None
     workdir: Path | None = None
     trusted_keys: list[Path] = dataclasses.field(default_factory=list)
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
-    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES
-    reuse_port: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able view, paths as strings."""
@@ -162,7 +151,7 @@ async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
     from edge_agent.dataplane import DataPlane
     from edge_agent.metrics import MetricsRegistry
     from edge_agent.repository import ModelRepository
-    from edge_agent.server import ServingApp, ServingConfig
+    from edge_agent.server import ServingApp
 
     stop = stop or _stop_on_signals()
     assert config.workdir is not None
@@ -176,7 +165,7 @@ async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
         if failure:
             _write_state(config, ready=False, error=failure)
             raise EdgeDeployError(failure)
-        app = ServingApp(DataPlane(repository, metrics), _serving_config(ServingConfig, config))
+        app = ServingApp(DataPlane(repository, metrics), config)
         await app.start()
         _write_state(config, ready=True, http_port=app.http_port, grpc_port=app.grpc_port,
                      models=repository.index())
@@ -192,15 +181,6 @@ async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
         if app is not None:
             await app.stop(grace=5.0)
         await repository.close()
-
-
-def _serving_config(factory: Any, config: ServeConfig) -> Any:
-    return factory(
-        host=config.host, http_port=config.http_port, grpc_port=config.grpc_port,
-        keys_file=config.keys_file, auth_enabled=config.auth_enabled,
-        tls_cert=config.tls_cert, tls_key=config.tls_key, max_request_bytes=config.max_request_bytes,
-        max_inflight_bytes=config.max_inflight_bytes, reuse_port=config.reuse_port,
-    )
 
 
 def _stop_on_signals() -> asyncio.Event:

@@ -17,6 +17,7 @@ import yaml
 
 from edge_agent.errors import NotFoundError, ValidationError
 from edge_agent.fleet_messages import DEFAULT_PREFIX, check_device_id
+from edge_agent.serving_config import DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_MAX_REQUEST_BYTES, ServingConfig
 
 __all__ = ["AGENT_CONFIG_SCHEMA", "MQTT_VERSION_NAMES", "AgentConfig", "load_agent_config", "parse_agent_config"]
 
@@ -50,6 +51,8 @@ AGENT_CONFIG_SCHEMA: dict[str, Any] = {
         "max_download_bytes": {"type": "integer", "minimum": 1},
         "keys_file": {"type": ["string", "null"]},
         "auth_enabled": {"type": "boolean"},
+        "max_request_bytes": {"type": "integer", "minimum": 1},
+        "max_inflight_bytes": {"type": "integer", "minimum": 1},
         "keepalive_s": {"type": "integer", "minimum": 5},
         "reconnect_min_s": {"type": "number", "exclusiveMinimum": 0},
         "reconnect_max_s": {"type": "number", "exclusiveMinimum": 0},
@@ -85,6 +88,8 @@ class AgentConfig:
     max_download_bytes: int = 2 * 1024 * 1024 * 1024
     keys_file: Path | None = None
     auth_enabled: bool = False
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES
     keepalive_s: int = 30
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 30.0
@@ -111,6 +116,14 @@ class AgentConfig:
     def broker_tls(self) -> bool:
         """True for ``mqtts://``."""
         return self.broker.startswith("mqtts://")
+
+    @property
+    def serving(self) -> ServingConfig:
+        """The servers' settings. A view, not a base class: ``tls_cert``/``tls_key`` in agent.yaml are
+        the device's MQTT identity, not the servers' certificate."""
+        return ServingConfig(host=self.host, http_port=self.http_port, grpc_port=self.grpc_port,
+                             keys_file=self.keys_file, auth_enabled=self.auth_enabled,
+                             max_request_bytes=self.max_request_bytes, max_inflight_bytes=self.max_inflight_bytes)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able view (the password is masked)."""

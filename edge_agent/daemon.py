@@ -34,7 +34,7 @@ from .inference import ModelState
 from .metrics import MetricsRegistry
 from .mqtt import AgentLink
 from .repository import ModelRepository
-from .server import ServingApp, ServingConfig
+from .server import ServingApp
 from .store import BundleStore, DeployState, Event
 from .telemetry import TelemetryQueue, sample
 
@@ -93,9 +93,7 @@ class EdgeAgent:
         self.metrics = MetricsRegistry()
         self.repository = ModelRepository(config.data_dir / "runtime", self.trust, self.metrics)
         self.dataplane = DataPlane(self.repository, self.metrics)
-        self.app = ServingApp(self.dataplane, ServingConfig(
-            host=config.host, http_port=config.http_port, grpc_port=config.grpc_port,
-            keys_file=config.keys_file, auth_enabled=config.auth_enabled))
+        self.app = ServingApp(self.dataplane, config.serving)
         self.telemetry = TelemetryQueue(config.data_dir / "telemetry", config.telemetry_queue_max)
         self.link = AgentLink(config, self._on_desired_thread, self._on_connected_thread)
         self.live_name: str | None = None

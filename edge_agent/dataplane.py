@@ -24,6 +24,7 @@ from edge_agent.inference import InferRequest, InferResponse, ModelState
 from edge_agent.metrics import MetricsRegistry
 from edge_agent.repository import ModelEntry, ModelRepository
 from edge_agent.runtime.base import LoadedModel, validate_inputs
+from edge_agent.serving_config import DEFAULT_MAX_INFLIGHT_BYTES
 from edge_agent.tensors import TensorSpec, numpy_to_v2
 
 __all__ = ["DEFAULT_MAX_INFLIGHT_BYTES", "SERVER_NAME", "DataPlane", "InflightBytes"]
@@ -34,7 +35,6 @@ T = TypeVar("T")
 _INLINE_MAX_ROWS = 64
 
 
-DEFAULT_MAX_INFLIGHT_BYTES = 256 * 1024 * 1024  # four requests of the default 64 MiB limit at once
 # Freed request buffers stay in glibc's malloc arenas (one per thread that allocated, up to eight per
 # core) and count in RSS until trimmed: after a burst of 100 x 10 MB calls, 2-3 GB untrimmed, 0.26 GB
 # trimmed (bench/memory.py).

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import socket
 import ssl
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -14,36 +13,15 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from edge_agent.auth import AuthKeys
-from edge_agent.dataplane import DEFAULT_MAX_INFLIGHT_BYTES, DataPlane, InflightBytes
+from edge_agent.dataplane import DataPlane, InflightBytes
 from edge_agent.grpc.servicer import AuthInterceptor, InferenceServicer, add_to_server
 from edge_agent.handover import listening_socket, release_steering, steer_to_newer
 from edge_agent.rest import build_app
+from edge_agent.serving_config import DEFAULT_MAX_REQUEST_BYTES, ServingConfig
 
 __all__ = ["DEFAULT_MAX_REQUEST_BYTES", "ServingApp", "ServingConfig"]
 
 log = logging.getLogger(__name__)
-DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
-
-
-@dataclass
-class ServingConfig:
-    """Where and how to serve. Port 0 picks a free port (read ``ServingApp.http_port`` after start)."""
-
-    host: str = "127.0.0.1"
-    http_port: int = 0
-    grpc_port: int = 0
-    keys_file: Path | None = None
-    auth_enabled: bool = False
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
-    # bytes of requests answered at once, REST and gRPC together; beyond it 503 / RESOURCE_EXHAUSTED
-    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES
-    # share the ports with the server being replaced (see edge_agent.handover)
-    reuse_port: bool = False
-    handover_drain_seconds: float = 0.5
-
-
 class ServingApp:
     """The gRPC and REST servers of one data plane."""
 

@@ -104,3 +104,10 @@ def test_log_level_of_agent_yaml_applies_to_edge_agent_config(tmp_path: Path, le
         reader.join(30)
         process.terminate()
     assert any(" DEBUG " in line for line in lines), "".join(lines)
+
+
+def test_the_servers_settings_come_from_agent_yaml(tmp_path: Path) -> None:
+    config = load_agent_config(write(tmp_path, {**GOOD, "max_inflight_bytes": 1000, "auth_enabled": True}))
+    serving = config.serving
+    assert (serving.http_port, serving.grpc_port, serving.auth_enabled) == (8001, 0, True)
+    assert serving.max_inflight_bytes == 1000 and serving.max_request_bytes == 64 * 1024 * 1024
