@@ -41,6 +41,7 @@ AGENT_CONFIG_SCHEMA: dict[str, Any] = {
         "ca_file": {"type": ["string", "null"]},
         "data_dir": {"type": "string", "minLength": 1},
         "trusted_keys": _STR_LIST,
+        "controller_keys": _STR_LIST,
         "http_port": _PORT,
         "grpc_port": _PORT,
         "host": {"type": "string", "minLength": 1},
@@ -76,6 +77,8 @@ class AgentConfig:
     password: str | None = None
     ca_file: Path | None = None
     trusted_keys: list[Path] = field(default_factory=list)
+    # order-signing keys besides the ``orders`` blocks of trusted_keys files (edge_agent.orders)
+    controller_keys: list[Path] = field(default_factory=list)
     http_port: int = 8001
     grpc_port: int = 8002
     host: str = "127.0.0.1"
@@ -116,6 +119,7 @@ class AgentConfig:
         """JSON-able view (the password is masked)."""
         doc = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
         doc["trusted_keys"] = [str(p) for p in self.trusted_keys]
+        doc["controller_keys"] = [str(p) for p in self.controller_keys]
         if doc.get("password"):
             doc["password"] = "***"
         return doc
@@ -149,6 +153,7 @@ def parse_agent_config(document: Any, base: Path | None = None, source: str = "a
     values = dict(document)
     values["data_dir"] = path(values["data_dir"])
     values["trusted_keys"] = [path(p) for p in values.get("trusted_keys", [])]
+    values["controller_keys"] = [path(p) for p in values.get("controller_keys", [])]
     for key in ("ca_file", "keys_file"):
         if values.get(key) is not None:
             values[key] = path(values[key])
