@@ -35,7 +35,7 @@ AGENT_CONFIG_SCHEMA: dict[str, Any] = {
         "profile": {"type": "string"},
         "groups": _STR_LIST,
         "tags": {"type": "object", "additionalProperties": {"type": ["string", "number", "boolean"]}},
-        "broker": {"type": "string", "pattern": "^mqtts?://"},
+        "broker": {"type": "string", "pattern": "^[A-Za-z][A-Za-z0-9+.-]*://"},  # a fleet transport's scheme
         "username": {"type": ["string", "null"]},
         "password": {"type": ["string", "null"]},
         "ca_file": {"type": ["string", "null"]},
@@ -136,6 +136,16 @@ def _schema_error(error: jsonschema.ValidationError, source: str) -> ValidationE
     return ValidationError(f"{source}: {where}: {error.message}")
 
 
+def _check_transport(broker: str, source: str) -> None:
+    from edge_agent.transport import transport_names
+
+    scheme = broker.split("://", 1)[0]
+    names = transport_names()
+    if scheme not in names:
+        raise ValidationError(f"{source}: broker: no fleet transport for {scheme}:// URLs "
+                              f"(installed: {', '.join(names) or 'none'})")
+
+
 def parse_agent_config(document: Any, base: Path | None = None, source: str = "agent config") -> AgentConfig:
     """Validate a loaded YAML document and build the config; ValidationError says what is wrong."""
     if not isinstance(document, dict):
@@ -145,6 +155,7 @@ def parse_agent_config(document: Any, base: Path | None = None, source: str = "a
     if errors:
         raise _schema_error(errors[0], source)
     check_device_id(document["device_id"])
+    _check_transport(document["broker"], source)
     base = base or Path.cwd()
 
     def path(value: str | None) -> Path | None:

@@ -30,6 +30,7 @@ from edge_agent.bundle import BundleManifest, open_bundle, read_manifest
 from edge_agent.errors import DeploymentError, EdgeDeployError, ValidationError, brief
 from edge_agent.fleet_messages import BundleRef, DeviceReport, ModelOrder, ModelReport, OrderAction
 from edge_agent.orders import OrderGuard, OrderRefused
+from edge_agent.transport import device_transport
 from edge_agent.trust import ORDERS, TrustStore, load_role_keys
 
 from .config import AgentConfig, load_agent_config
@@ -37,7 +38,6 @@ from .dataplane import DataPlane
 from .download import DownloadLimits, download_bundle
 from .inference import ModelState
 from .metrics import MetricsRegistry
-from .mqtt import AgentLink
 from .repository import ModelRepository
 from .server import ServingApp, ServingConfig
 from .store import BundleStore, DeployState, Event, ModelStores
@@ -119,7 +119,7 @@ class EdgeAgent:
             host=config.host, http_port=config.http_port, grpc_port=config.grpc_port,
             keys_file=config.keys_file, auth_enabled=config.auth_enabled))
         self.telemetry = TelemetryQueue(config.data_dir / "telemetry", config.telemetry_queue_max)
-        self.link = AgentLink(config, self._on_desired_thread, self._on_connected_thread)
+        self.link = device_transport(config.broker)(config, self._on_desired_thread, self._on_connected_thread)
         self.live: set[str] = set()  # model names served under their own name
         self.refused: str | None = None
         self._pending: dict[str, ModelOrder] = {}

@@ -42,6 +42,7 @@ from edge_agent.fleet_messages import (
 )
 from edge_agent.home import edgedeploy_home
 from edge_agent.orders import ORDER_TTL_S, sign_order, verify_order
+from edge_agent.transport import ControllerTransport, controller_transport
 from edge_agent.trust import TrustStore
 
 __all__ = [
@@ -464,6 +465,9 @@ class _Link:
         self._client.loop_stop()
 
 
+MQTTControllerLink = _Link  # the controller side of the MQTT fleet transport (its entry point's target)
+
+
 class FleetController:
     """Lists devices and runs rollouts; every step is persisted so a restart resumes a rollout."""
 
@@ -475,12 +479,13 @@ class FleetController:
         self.home = Path(home) if home else edgedeploy_home()
         self.order_ttl_s = order_ttl_s
         self.sequences = SequenceCounter(self.home)
-        self._link: _Link | None = None
+        self._link: ControllerTransport | None = None
 
     # -- connection --------------------------------------------------------------------------
-    def _connect(self) -> _Link:
+    def _connect(self) -> ControllerTransport:
         if self._link is None:
-            self._link = _Link(self.broker_url, self.prefix, self.mqtt_version)
+            self._link = controller_transport(self.broker_url)(self.broker_url, self.prefix,
+                                                               mqtt_version=self.mqtt_version)
             self._link.settle()
         return self._link
 
@@ -505,7 +510,7 @@ class FleetController:
             return [self._device_row(link, d) for d in ids]
 
     @staticmethod
-    def _device_row(link: _Link, device_id: str) -> dict[str, Any]:
+    def _device_row(link: ControllerTransport, device_id: str) -> dict[str, Any]:
         report = link.reported.get(device_id, {})
         active = report.get("active") or {}
         model: dict[str, Any] = active["model"] if isinstance(active.get("model"), dict) else {}
@@ -539,7 +544,6 @@ class FleetController:
                 wave_timeout: float = 300.0) -> str:
         """Start (and with ``wait`` finish) a rollout of ``bundle_path`` to the selected devices."""
         from edge_agent.bundle import verify_bundle
-        from edge_agent.trust import TrustStore
         from packager.bundle_server import publish_bundle
 
         chosen = DeviceSelector.parse(selector)
@@ -565,7 +569,7 @@ class FleetController:
         return rollout_id
 
     @staticmethod
-    def _previous(link: _Link, device_id: str, name: str, server_url: str) -> dict[str, Any] | None:
+    def _previous(link: ControllerTransport, device_id: str, name: str, server_url: str) -> dict[str, Any] | None:
         """What model ``name`` runs on the device now (the rollback target), or None."""
         report = model_report(link.reported.get(device_id), name)
         active = report.active if report else None
@@ -618,7 +622,7 @@ class FleetController:
         self._save(plan)
         return plan
 
-    def _order(self, link: _Link, plan: RolloutPlan, device_id: str, target: dict[str, Any] | None,
+    def _order(self, link: ControllerTransport, plan: RolloutPlan, device_id: str, target: dict[str, Any] | None,
                rollback: bool = False) -> None:
         name = plan.target["model"]["name"]
         deployment_id = plan.rollout_id + ("-rollback" if rollback else "")
@@ -630,7 +634,7 @@ class FleetController:
                                target["model"].get("version"), allow_downgrade=rollback, rollout_id=plan.rollout_id)
         link.publish_desired(device_id, self.signed_order(link, device_id, order))
 
-    def signed_order(self, link: _Link, device_id: str, order: ModelOrder) -> dict[str, Any]:
+    def signed_order(self, link: ControllerTransport, device_id: str, order: ModelOrder) -> dict[str, Any]:
         """The device's next desired state: what it was told for its other models, plus ``order``."""
         from packager.keys import load_order_key
 
@@ -659,7 +663,7 @@ class FleetController:
             log.info("not building on the retained order of %s: %s", message.get("device_id"), exc)
             return None
 
-    def _rollback(self, link: _Link, plan: RolloutPlan, reason: str) -> None:
+    def _rollback(self, link: ControllerTransport, plan: RolloutPlan, reason: str) -> None:
         devices = plan.begin_rollback(reason)
         self._save(plan)
         log.warning("rollout %s: rolling back %d device(s): %s", plan.rollout_id, len(devices), reason)
