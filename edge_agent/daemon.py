@@ -142,6 +142,9 @@ class EdgeAgent:
         except OrderRefused as exc:
             self._refuse(str(exc), message)
             return
+        except OSError as exc:  # the sequence could not be recorded: acting anyway would allow a replay
+            self._refuse(f"refused order: its sequence could not be recorded ({exc})", message)
+            return
         for order in desired.models.values():
             self._queue(order)
 
