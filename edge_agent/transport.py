@@ -1,7 +1,8 @@
 """Fleet transports: how desired and reported messages travel between the controller and devices.
 
-A transport is two small classes, found by the broker URL's scheme through entry points (MQTT is
-the one shipped; a new one is one module plus two entry points in its package's metadata)::
+A transport is two small classes, found by the broker URL's scheme through entry points, as every
+plug-in is (:mod:`edge_agent.plugins`; MQTT is the one shipped; a new one is one module plus two
+entry points in its package's metadata)::
 
     [project.entry-points."edgedeploy.fleet_transports"]             # the device side
     mqtt = "edge_agent.mqtt:AgentLink"
@@ -16,10 +17,10 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from importlib.metadata import entry_points
 from typing import Any, Protocol, runtime_checkable
 
 from edge_agent.errors import UsageError
+from edge_agent.plugins import load_plugin, plugin_names
 
 __all__ = [
     "CONTROLLER_GROUP",
@@ -84,16 +85,12 @@ class ControllerTransport(Protocol):
 
 def transport_names(group: str = DEVICE_GROUP) -> list[str]:
     """The URL schemes with an installed transport in ``group``."""
-    return sorted({ep.name for ep in entry_points(group=group)})
+    return plugin_names(group)
 
 
 def _load(group: str, url: str) -> Callable[..., Any]:
-    scheme = url.split("://", 1)[0] if "://" in url else ""
-    found = [ep for ep in entry_points(group=group) if ep.name == scheme]
-    if not found:
-        known = ", ".join(transport_names(group)) or "none: reinstall edgedeploy (pip install -e .)"
-        raise UsageError(f"no fleet transport for {scheme or url!r} URLs (installed: {known})")
-    factory: Callable[..., Any] = found[0].load()
+    scheme = url.split("://", 1)[0] if "://" in url else url
+    factory: Callable[..., Any] = load_plugin(group, scheme, "fleet transport", UsageError)
     return factory
 
 

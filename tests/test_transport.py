@@ -50,7 +50,7 @@ def test_mqtt_is_installed_on_both_sides_and_meets_the_protocols(tmp_path: Path)
 
 
 def test_an_unknown_scheme_is_one_clear_error_on_both_sides(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match=r"no fleet transport for 'pigeon' URLs \(installed: mqtt, mqtts"):
+    with pytest.raises(UsageError, match=r"no fleet transport named .pigeon. is installed \(installed: mqtt, mqtts"):
         device_transport("pigeon://loft")
     with pytest.raises(ValidationError, match="broker: no fleet transport for pigeon:// URLs"):
         parse_agent_config({"device_id": "pi-1", "broker": "pigeon://loft", "data_dir": "d"}, base=tmp_path)
