@@ -36,12 +36,13 @@ AGENT_CONFIG_SCHEMA: dict[str, Any] = {
         "profile": {"type": "string"},
         "groups": _STR_LIST,
         "tags": {"type": "object", "additionalProperties": {"type": ["string", "number", "boolean"]}},
-        "broker": {"type": "string", "pattern": "^mqtts?://"},
+        "broker": {"type": "string", "pattern": "^[A-Za-z][A-Za-z0-9+.-]*://"},  # a fleet transport's scheme
         "username": {"type": ["string", "null"]},
         "password": {"type": ["string", "null"]},
         "ca_file": {"type": ["string", "null"]},
         "data_dir": {"type": "string", "minLength": 1},
         "trusted_keys": _STR_LIST,
+        "controller_keys": _STR_LIST,
         "http_port": _PORT,
         "grpc_port": _PORT,
         "host": {"type": "string", "minLength": 1},
@@ -79,6 +80,8 @@ class AgentConfig:
     password: str | None = None
     ca_file: Path | None = None
     trusted_keys: list[Path] = field(default_factory=list)
+    # order-signing keys besides the ``orders`` blocks of trusted_keys files (edge_agent.orders)
+    controller_keys: list[Path] = field(default_factory=list)
     http_port: int = 8001
     grpc_port: int = 8002
     host: str = "127.0.0.1"
@@ -129,6 +132,7 @@ class AgentConfig:
         """JSON-able view (the password is masked)."""
         doc = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
         doc["trusted_keys"] = [str(p) for p in self.trusted_keys]
+        doc["controller_keys"] = [str(p) for p in self.controller_keys]
         if doc.get("password"):
             doc["password"] = "***"
         return doc
@@ -145,6 +149,16 @@ def _schema_error(error: jsonschema.ValidationError, source: str) -> ValidationE
     return ValidationError(f"{source}: {where}: {error.message}")
 
 
+def _check_transport(broker: str, source: str) -> None:
+    from edge_agent.transport import transport_names
+
+    scheme = broker.split("://", 1)[0]
+    names = transport_names()
+    if scheme not in names:
+        raise ValidationError(f"{source}: broker: no fleet transport for {scheme}:// URLs "
+                              f"(installed: {', '.join(names) or 'none'})")
+
+
 def parse_agent_config(document: Any, base: Path | None = None, source: str = "agent config") -> AgentConfig:
     """Validate a loaded YAML document and build the config; ValidationError says what is wrong."""
     if not isinstance(document, dict):
@@ -154,6 +168,7 @@ def parse_agent_config(document: Any, base: Path | None = None, source: str = "a
     if errors:
         raise _schema_error(errors[0], source)
     check_device_id(document["device_id"])
+    _check_transport(document["broker"], source)
     base = base or Path.cwd()
 
     def path(value: str | None) -> Path | None:
@@ -162,6 +177,7 @@ def parse_agent_config(document: Any, base: Path | None = None, source: str = "a
     values = dict(document)
     values["data_dir"] = path(values["data_dir"])
     values["trusted_keys"] = [path(p) for p in values.get("trusted_keys", [])]
+    values["controller_keys"] = [path(p) for p in values.get("controller_keys", [])]
     for key in ("ca_file", "keys_file"):
         if values.get(key) is not None:
             values[key] = path(values[key])

@@ -1,13 +1,16 @@
 """The fleet daemon behind ``edge-agent --config agent.yaml``.
 
-It serves the active slot over REST and gRPC, listens for its desired state over MQTT and runs
-each deployment through the store's state machine::
+It serves every model's active slot over REST and gRPC (each under its own name), listens for
+its desired state over MQTT, accepts it only as a signed order (:mod:`edge_agent.orders`) and runs
+each model's deployment through that model's own state machine::
 
     download -> verify into the inactive slot -> install under a staging name -> health check
     (ready + smoke inference on the bundle's sample) -> switch the live name -> commit
 
 On any failure the live model is the last good one and ``failed`` is reported with the reason.
-Every transition is persisted first, then published (``reported`` retained, one ``events``).
+Every transition is persisted first, then published (``reported`` retained, one ``events``). An
+order for one model never touches another; a refused order is one line in the log, in
+``reported.refused`` and in one ``events`` message (``"to": "refused"``), and changes nothing.
 """
 
 from __future__ import annotations
@@ -23,19 +26,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edge_agent.bundle import BundleManifest, load_extracted, open_bundle, read_manifest
-from edge_agent.errors import DeploymentError, EdgeDeployError, brief
-from edge_agent.trust import TrustStore
+from edge_agent.bundle import BundleManifest, open_bundle, read_manifest
+from edge_agent.errors import DeploymentError, EdgeDeployError, ValidationError, brief
+from edge_agent.fleet_messages import BundleRef, DeviceReport, ModelOrder, ModelReport, OrderAction
+from edge_agent.orders import OrderGuard, OrderRefused
+from edge_agent.transport import device_transport
+from edge_agent.trust import ORDERS, TrustStore, load_role_keys
 
 from .config import AgentConfig, load_agent_config
 from .dataplane import DataPlane
 from .download import DownloadLimits, download_bundle
 from .inference import ModelState
 from .metrics import MetricsRegistry
-from .mqtt import AgentLink
 from .repository import ModelRepository
 from .server import ServingApp
-from .store import BundleStore, DeployState, Event
+from .store import BundleStore, DeployState, Event, ModelStores
 from .telemetry import TelemetryQueue, sample
 
 __all__ = ["AGENT_VERSION", "EdgeAgent", "run"]
@@ -74,47 +79,89 @@ def outputs_match(actual: Any, expected: Any) -> bool:
     return len(left) == len(right) and all(_close(a, b) for a, b in zip(left, right, strict=True))
 
 
-def _order_key(order: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """What makes two desired states the same order (a redelivered one does not abandon a download)."""
-    return order.get("deployment_id"), order.get("bundle_sha256"), order.get("action")
-
-
 def _model_of(manifest: BundleManifest) -> dict[str, Any]:
     return {"name": manifest.name, "version": manifest.version}
 
 
+def _order_key(order: ModelOrder) -> tuple[Any, Any, Any]:
+    """What makes two desired states the same order (a redelivered one does not abandon a download)."""
+    return order.deployment_id, order.bundle_sha256, order.action
+
+
+def _ref(pointer: dict[str, Any] | None) -> BundleRef | None:
+    return BundleRef.from_body(pointer) if pointer else None
+
+
+def order_trust(config: AgentConfig, bundle_trust: TrustStore) -> TrustStore:
+    """The controller keys: ``orders`` blocks of trusted_keys plus every key in controller_keys."""
+    keys = [key for path in config.trusted_keys for role, key in load_role_keys(path) if role == ORDERS]
+    keys += [key for path in config.controller_keys for _role, key in load_role_keys(path)]
+    trust = TrustStore(keys)
+    both = sorted(set(trust.key_ids) & set(bundle_trust.key_ids))
+    if both:
+        raise ValidationError(f"key {both[0]} is both a bundle publisher and a controller key; "
+                              "give each role its own key")
+    return trust
+
+
 class EdgeAgent:
-    """One device: serving stack, bundle store, MQTT link and telemetry."""
+    """One device: serving stack, one bundle store per model, MQTT link and telemetry."""
 
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
-        self.store = BundleStore(config.data_dir)
+        self.stores = ModelStores(config.data_dir)
         self.trust = TrustStore.from_files(config.trusted_keys)
+        self.guard = OrderGuard(config.device_id, order_trust(config, self.trust), config.data_dir / "orders.json")
         self.metrics = MetricsRegistry()
         self.repository = ModelRepository(config.data_dir / "runtime", self.trust, self.metrics)
         self.dataplane = DataPlane(self.repository, self.metrics)
         self.app = ServingApp(self.dataplane, config.serving)
         self.telemetry = TelemetryQueue(config.data_dir / "telemetry", config.telemetry_queue_max)
-        self.link = AgentLink(config, self._on_desired_thread, self._on_connected_thread)
-        self.live_name: str | None = None
-        self._pending: dict[str, Any] | None = None
+        self.link = device_transport(config.broker)(config, self._on_desired_thread, self._on_connected_thread)
+        self.live: set[str] = set()  # model names served under their own name
+        self.refused: str | None = None
+        self._pending: dict[str, ModelOrder] = {}
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._staging: str | None = None
-        self._current: dict[str, Any] | None = None  # the order the worker is on
-        self._superseded = threading.Event()  # a different order arrived: stop downloading this one
+        self._current: ModelOrder | None = None  # the order the worker is on
+        self._superseded = threading.Event()  # a different order for its model arrived: stop downloading
 
     # --- messages ------------------------------------------------------------------------------
     def _on_desired_thread(self, desired: dict[str, Any]) -> None:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._queue_desired, desired)
 
-    def _queue_desired(self, desired: dict[str, Any]) -> None:
-        self._pending = desired  # only the newest desired state matters
-        if self._current is not None and _order_key(desired) != _order_key(self._current):
+    def _queue_desired(self, message: dict[str, Any]) -> None:
+        """Check an order (signature, address, sequence, expiry) and queue its models."""
+        try:
+            desired = self.guard.check(message)
+        except OrderRefused as exc:
+            self._refuse(str(exc), message)
+            return
+        except OSError as exc:  # the sequence could not be recorded: acting anyway would allow a replay
+            self._refuse(f"refused order: its sequence could not be recorded ({exc})", message)
+            return
+        for order in desired.models.values():
+            self._queue(order)
+
+    def _queue(self, order: ModelOrder) -> None:
+        self._pending[order.name] = order  # per model, only the newest desired state matters
+        current = self._current
+        if current is not None and current.name == order.name and _order_key(order) != _order_key(current):
             self._superseded.set()
         self._wake.set()
+
+    def _refuse(self, line: str, message: dict[str, Any]) -> None:
+        """One line in the log, the reported state and the event log; the serving models are untouched."""
+        line = brief(line)
+        log.warning("%s", line)
+        self.refused = line
+        self.publish_reported()
+        deployment_id = message.get("deployment_id")
+        self._publish_event({"model": None, "deployment_id": deployment_id if isinstance(deployment_id, str)
+                             else None, "from": None, "to": "refused", "reason": line})
 
     def _on_connected_thread(self) -> None:
         assert self._loop is not None
@@ -124,150 +171,166 @@ class EdgeAgent:
         self.publish_reported()
         self._drain_telemetry()
 
-    @staticmethod
-    def _public(pointer: dict[str, Any] | None) -> dict[str, Any] | None:
-        if not pointer:
-            return None
-        model = pointer.get("model") or {}
-        return {"model": model, "name": model.get("name"), "version": model.get("version"),
-                "bundle_sha256": pointer.get("bundle_sha256"), "bundle_url": pointer.get("bundle_url"),
-                "deployment_id": pointer.get("deployment_id")}
+    def model_report(self, name: str, store: BundleStore) -> ModelReport:
+        """What model ``name`` is doing, as reported."""
+        deployment = store.deployment
+        return ModelReport(name, store.state, deployment.get("deployment_id"),
+                           (deployment.get("order") or {}).get("rollout_id"), _ref(store.active),
+                           _ref(store.previous), deployment.get("error"), deployment.get("ts"))
 
     def reported(self) -> dict[str, Any]:
         """The body of this device's ``reported`` message."""
-        deployment = self.store.deployment
-        return {
-            "device_id": self.config.device_id, "state": self.store.state.value,
-            "deployment_id": deployment.get("deployment_id"),
-            "rollout_id": (deployment.get("order") or {}).get("rollout_id"),
-            "active": self._public(self.store.active), "previous": self._public(self.store.previous),
-            "error": deployment.get("error"), "profile": self.config.profile, "groups": self.config.groups,
-            "tags": self.config.tags, "http_port": self.app.http_port, "grpc_port": self.app.grpc_port,
-            "host": self.config.host, "agent_version": AGENT_VERSION, "ts": time.time(),
-        }
+        info = {"profile": self.config.profile, "groups": self.config.groups, "tags": self.config.tags,
+                "http_port": self.app.http_port, "grpc_port": self.app.grpc_port, "host": self.config.host,
+                "agent_version": AGENT_VERSION, "last_seq": self.guard.last_seq}
+        models = {name: self.model_report(name, store) for name, store in self.stores.items()}
+        return DeviceReport(self.config.device_id, models, time.time(), info, self.refused,
+                            self.stores.latest()).to_body()
 
     def publish_reported(self) -> None:
-        """Publish the reported state (retained, QoS 1); paho queues it while offline. Never raises."""
-        self.link.publish("reported", self.reported(), qos=1, retain=True)
+        """Publish the reported state (retained, QoS 1); paho queues it while offline."""
+        try:
+            self.link.publish("reported", self.reported(), qos=1, retain=True)
+        except ValidationError as exc:
+            log.error("could not publish the reported state: %s", exc)
 
-    def _transition(self, before: DeployState, reason: str | None = None) -> None:
-        after = self.store.state
+    def _publish_event(self, body: dict[str, Any]) -> None:
+        try:
+            self.link.publish("events", {"device_id": self.config.device_id, **body, "ts": time.time()})
+        except ValidationError as exc:
+            log.error("could not publish an event: %s", exc)
+
+    def _transition(self, store: BundleStore, before: DeployState, reason: str | None = None) -> None:
+        after, name = store.state, self._name_of(store)
         reason = None if reason is None else brief(reason)
-        log.info("deployment %s: %s -> %s%s", brief(self.store.deployment.get("deployment_id"), 200), before.value,
-                 after.value, f" ({reason})" if reason else "")
+        log.info("%s deployment %s: %s -> %s%s", name, brief(store.deployment.get("deployment_id"), 200),
+                 before.value, after.value, f" ({reason})" if reason else "")
         self.publish_reported()
-        self.link.publish("events", {"device_id": self.config.device_id,
-                                     "deployment_id": self.store.deployment.get("deployment_id"),
-                                     "from": before.value, "to": after.value, "reason": reason, "ts": time.time()})
+        self._publish_event({"model": name, "deployment_id": store.deployment.get("deployment_id"),
+                             "from": before.value, "to": after.value, "reason": reason})
 
-    def _advance(self, event: Event, reason: str | None = None) -> None:
-        before = self.store.state
+    @staticmethod
+    def _name_of(store: BundleStore) -> str:
+        return store.root.name
+
+    def _advance(self, store: BundleStore, event: Event, reason: str | None = None) -> None:
+        before = store.state
         # capped before it reaches deployment.json: a reason may quote a third-party exception's text
-        self.store.advance(event, None if reason is None else brief(reason))
-        self._transition(before, reason)
+        store.advance(event, None if reason is None else brief(reason))
+        self._transition(store, before, reason)
 
     # --- serving -------------------------------------------------------------------------------
     async def serve_active(self) -> None:
-        """Load the committed active slot under its model name (falls back to the previous slot)."""
-        for pointer in (self.store.active, self.store.previous):
-            if not pointer or not self.store.slot_complete(pointer.get("slot")):
+        """Load every model's committed active slot under its name (falls back to its previous slot)."""
+        for name, store in self.stores.items():
+            await self._serve_model(name, store)
+
+    async def _serve_model(self, name: str, store: BundleStore) -> None:
+        for pointer in (store.active, store.previous):
+            if not pointer or not store.slot_complete(pointer.get("slot")):
                 continue
-            slot = self.store.slot_path(pointer["slot"])
             try:
-                name = str((pointer.get("model") or {}).get("name") or load_extracted(slot).name)
-                await self.repository.load_dir(slot, name=name)
+                await self.repository.load_dir(store.slot_path(pointer["slot"]), name=name)
             except EdgeDeployError as exc:
-                log.error("could not load slot %s: %s", pointer["slot"], exc)
+                log.error("could not load %s from slot %s: %s", name, pointer["slot"], exc)
                 continue
-            self.live_name = name
+            self.live.add(name)
             if self.dataplane.model_ready(name):
-                if pointer is not self.store.active:
-                    self.store.commit(pointer["slot"], {k: v for k, v in pointer.items() if k != "slot"})
+                if pointer is not store.active:
+                    store.commit(pointer["slot"], {k: v for k, v in pointer.items() if k != "slot"})
                 return
             await self.repository.unload(name)
-            self.live_name = None
+            self.live.discard(name)
 
     # --- deployments ---------------------------------------------------------------------------
-    def _skip(self, order: dict[str, Any]) -> bool:
+    def _skip(self, store: BundleStore, order: ModelOrder) -> bool:
         """True when ``order`` needs no work: its bundle is active, or it already failed here."""
-        active = self.store.active or {}
-        if order.get("bundle_sha256") and order["bundle_sha256"] == active.get("bundle_sha256"):
-            if self.store.state != DeployState.ACTIVE or self.store.deployment.get("deployment_id") != order.get(
-                    "deployment_id"):
-                before = self.store.state
+        active = store.active or {}
+        if order.bundle_sha256 == active.get("bundle_sha256"):
+            if store.state != DeployState.ACTIVE or store.deployment.get("deployment_id") != order.deployment_id:
+                before = store.state
                 if before in (DeployState.FAILED, DeployState.ROLLED_BACK, DeployState.ACTIVE):
-                    self.store.deployment.update(deployment_id=order.get("deployment_id"), order=order, error=None)
-                    self.store.advance(Event.KEEP)
-                    self._transition(before, "the ordered bundle is already active")
+                    store.deployment.update(deployment_id=order.deployment_id, order=order.to_body(), error=None)
+                    store.advance(Event.KEEP)
+                    self._transition(store, before, "the ordered bundle is already active")
                     return True
             self.publish_reported()
             return True
-        deployment = self.store.deployment
-        same = (deployment.get("deployment_id") == order.get("deployment_id")
-                and (deployment.get("order") or {}).get("bundle_sha256") == order.get("bundle_sha256"))
-        gave_up = self.store.state in (DeployState.FAILED, DeployState.ROLLED_BACK)
+        deployment = store.deployment
+        same = (deployment.get("deployment_id") == order.deployment_id
+                and (deployment.get("order") or {}).get("bundle_sha256") == order.bundle_sha256)
+        gave_up = store.state in (DeployState.FAILED, DeployState.ROLLED_BACK)
         if same and gave_up and not deployment.get("interrupted"):
             self.publish_reported()
             return True
         return False
 
-    async def handle(self, order: dict[str, Any]) -> None:
-        """Apply one desired state (never raises for a bad order: it ends ``failed``)."""
-        if order.get("action") == "remove" or not order.get("bundle_sha256"):
-            await self._remove(order)
-            return
-        if self._skip(order):
-            return
-        before = self.store.state
-        self.store.begin(order)
-        self._transition(before)
-        try:
-            await self._deploy(order)
-        except (EdgeDeployError, OSError, ValueError) as exc:
-            await self._fail(brief(exc))
-        except Exception as exc:  # noqa: BLE001 - a bug in a step must still end in a reported state
-            log.exception("deployment %s failed unexpectedly", brief(order.get("deployment_id"), 200))
-            await self._fail(f"internal error: {brief(exc)}")
+    async def handle(self, order: ModelOrder | dict[str, Any]) -> None:
+        """Apply one model's desired state (never raises for a bad order: it ends ``failed``).
 
-    async def _deploy(self, order: dict[str, Any]) -> None:
-        self._check_downgrade(order.get("model") or {}, order)
+        Only that model's store and serving name are touched; every other model keeps serving.
+        """
+        if isinstance(order, dict):
+            order = ModelOrder.from_body(order)
+        store = self.stores.get(order.name)
+        if order.action == OrderAction.REMOVE:
+            await self._remove(store, order)
+            return
+        if self._skip(store, order):
+            return
+        before = store.state
+        store.begin(order.to_body())
+        self._transition(store, before)
+        try:
+            await self._deploy(store, order)
+        except (EdgeDeployError, OSError, ValueError) as exc:
+            await self._fail(store, brief(exc))
+        except Exception as exc:  # noqa: BLE001 - a bug in a step must still end in a reported state
+            log.exception("deployment %s failed unexpectedly", brief(order.deployment_id, 200))
+            await self._fail(store, f"internal error: {brief(exc)}")
+
+    async def _deploy(self, store: BundleStore, order: ModelOrder) -> None:
+        self._check_downgrade(store, {"name": order.name, "version": order.version}, order)
         limits = DownloadLimits(self.config.max_download_bytes, deadline_s=self.config.download_deadline_s,
                                 min_bytes_per_s=self.config.download_min_bytes_per_s)
-        path = await asyncio.to_thread(download_bundle, order["bundle_url"], order["bundle_sha256"],
-                                       self.store.downloads, limits, abandon=self._superseded.is_set)
-        self._advance(Event.OK)  # -> verifying
-        await asyncio.to_thread(self._check_hardware, path)
-        slot = self.store.deployment["slot"]
-        target = self.store.prepare_slot(slot)
+        path = await asyncio.to_thread(download_bundle, order.bundle_url, order.bundle_sha256,
+                                       store.downloads, limits, abandon=self._superseded.is_set)
+        self._advance(store, Event.OK)  # -> verifying
+        await asyncio.to_thread(self._check_bundle, path, order)
+        slot = store.deployment["slot"]
+        target = store.prepare_slot(slot)
         manifest = await asyncio.to_thread(open_bundle, path, target, self.trust)
-        self._check_downgrade(_model_of(manifest), order)
-        self._advance(Event.OK)  # -> installing
-        staging = manifest.name + _STAGING_SUFFIX
+        self._check_downgrade(store, _model_of(manifest), order)
+        self._advance(store, Event.OK)  # -> installing
+        staging = order.name + _STAGING_SUFFIX
         self._staging = staging
         await self.repository.load_dir(target, name=staging, staging=True)
-        self._advance(Event.OK)  # -> health-checking
+        self._advance(store, Event.OK)  # -> health-checking
         await self._health_check(staging, manifest)
-        await self._switch(target, manifest.name, staging)
-        self.store.commit(slot, {"bundle_sha256": order["bundle_sha256"], "bundle_url": order["bundle_url"],
-                                 "model": _model_of(manifest), "deployment_id": order.get("deployment_id")})
-        self._advance(Event.OK)  # -> active
+        await self._switch(target, order.name, staging)
+        store.commit(slot, {"bundle_sha256": order.bundle_sha256, "bundle_url": order.bundle_url,
+                            "model": _model_of(manifest), "deployment_id": order.deployment_id})
+        self._advance(store, Event.OK)  # -> active
         path.unlink(missing_ok=True)
 
-    def _check_hardware(self, path: Path) -> None:
-        """Refuse, before anything is unpacked, a bundle bound to an accelerator this device lacks."""
+    def _check_bundle(self, path: Path, order: ModelOrder) -> None:
+        """Before anything is unpacked: the bundle holds the ordered model, for hardware this device has."""
         from edge_agent.profiles import load_profile
 
         from .fpga.binding import check_binding
 
         manifest, _signature = read_manifest(path, self.trust)
+        if manifest.name != order.name:
+            raise DeploymentError(f"the bundle holds model {manifest.name!r}, but the order is for {order.name!r}")
         accelerators = list(load_profile(self.config.profile).document.get("accelerators", []))
         check_binding(manifest.accelerator, accelerators, simulated=self.config.simulate_accelerators)
 
-    def _check_downgrade(self, model: dict[str, Any], order: dict[str, Any]) -> None:
-        active = (self.store.active or {}).get("model") or {}
+    @staticmethod
+    def _check_downgrade(store: BundleStore, model: dict[str, Any], order: ModelOrder) -> None:
+        active = (store.active or {}).get("model") or {}
         new, old = model.get("version"), active.get("version")
         if (isinstance(new, int) and isinstance(old, int) and new < old and active.get("name") == model.get("name")
-                and not order.get("allow_downgrade")):
+                and not order.allow_downgrade):
             raise DeploymentError(f"refused: version {new} of {model.get('name')!r} is lower than the active "
                                   f"version {old}; the order must set allow_downgrade")
 
@@ -292,55 +355,52 @@ class EdgeAgent:
         with contextlib.suppress(EdgeDeployError):
             await self.repository.unload(staging)
         self._staging = None
-        if self.live_name and self.live_name != name:
-            with contextlib.suppress(EdgeDeployError):
-                await self.repository.unload(self.live_name)
-        self.live_name = name
+        self.live.add(name)
 
-    async def _fail(self, reason: str) -> None:
+    async def _fail(self, store: BundleStore, reason: str) -> None:
         staging, self._staging = self._staging, None
         if staging:
             with contextlib.suppress(EdgeDeployError):
                 await self.repository.unload(staging)
-        slot = self.store.deployment.get("slot")
-        if slot and slot != (self.store.active or {}).get("slot"):
-            await asyncio.to_thread(shutil.rmtree, self.store.slot_path(slot), True)
-        self._advance(Event.FAIL, reason)
-        if self.live_name is None and self.store.active:
-            await self.serve_active()
-            self._advance(Event.RESTORE, reason)
+        slot = store.deployment.get("slot")
+        if slot and slot != (store.active or {}).get("slot"):
+            await asyncio.to_thread(shutil.rmtree, store.slot_path(slot), True)
+        self._advance(store, Event.FAIL, reason)
+        name = self._name_of(store)
+        if name not in self.live and store.active:
+            await self._serve_model(name, store)
+            self._advance(store, Event.RESTORE, reason)
 
-    async def _remove(self, order: dict[str, Any]) -> None:
-        before = self.store.state
-        if self.store.active is None and before == DeployState.IDLE:
+    async def _remove(self, store: BundleStore, order: ModelOrder) -> None:
+        before = store.state
+        if store.active is None and before == DeployState.IDLE:
             self.publish_reported()
             return
-        if self.live_name:
+        if order.name in self.live:
             with contextlib.suppress(EdgeDeployError):
-                await self.repository.unload(self.live_name)
-            self.live_name = None
-        self.store.remove_active()
-        self.store.deployment.update(deployment_id=order.get("deployment_id"), order=order, error=None)
+                await self.repository.unload(order.name)
+            self.live.discard(order.name)
+        store.remove_active()
+        store.deployment.update(deployment_id=order.deployment_id, order=order.to_body(), error=None)
         if before in (DeployState.ACTIVE, DeployState.FAILED, DeployState.ROLLED_BACK, DeployState.IDLE):
-            self.store.advance(Event.REMOVE)
-        self._transition(before, "the controller removed the model")
+            store.advance(Event.REMOVE)
+        self._transition(store, before, "the controller removed the model")
 
     async def _worker(self) -> None:
-        """Handle the newest order, one at a time; nothing one order does stops the next one."""
+        """Handle each model's newest order, one at a time; nothing one order does stops the next one."""
         while not self._stop.is_set():
             await self._wake.wait()
             self._wake.clear()
-            order, self._pending = self._pending, None
-            if order is None:
-                continue
-            self._current = order
-            self._superseded.clear()
-            try:
-                await self.handle(order)
-            except Exception:  # noqa: BLE001 - the worker must outlive any one order
-                log.exception("order %s could not be handled", brief(order.get("deployment_id"), 200))
-            finally:
-                self._current = None
+            while self._pending and not self._stop.is_set():
+                order = self._pending.pop(next(iter(self._pending)))
+                self._current = order
+                self._superseded.clear()
+                try:
+                    await self.handle(order)
+                except Exception:  # noqa: BLE001 - the worker must outlive any one order
+                    log.exception("order %s could not be handled", brief(order.deployment_id, 200))
+                finally:
+                    self._current = None
 
     # --- telemetry -----------------------------------------------------------------------------
     def _drain_telemetry(self) -> None:
@@ -355,12 +415,20 @@ class EdgeAgent:
                 await asyncio.wait_for(self._stop.wait(), self.config.telemetry_period_s)
             if self._stop.is_set():
                 return
-            active = self.store.active or {}
-            body = sample(self.config.device_id, self.metrics.snapshot(),
-                          dict(versions, model=(active.get("model") or {}).get("version"),
-                               bundle_sha256=active.get("bundle_sha256")))
-            self.telemetry.put(body)
+            self.telemetry.put(self._sample(versions))
             self._drain_telemetry()
+
+    def _sample(self, versions: dict[str, Any]) -> dict[str, Any]:
+        """One telemetry body: each model's metrics with its version and bundle."""
+        running = {name: store.active or {} for name, store in self.stores.items() if store.active}
+        primary = running.get(self.stores.latest() or "", {})
+        body = sample(self.config.device_id, self.metrics.snapshot(),
+                      dict(versions, model=(primary.get("model") or {}).get("version"),
+                           bundle_sha256=primary.get("bundle_sha256")))
+        for name, active in running.items():
+            entry = body["models"].setdefault(name, {})
+            entry.update(version=(active.get("model") or {}).get("version"), bundle_sha256=active.get("bundle_sha256"))
+        return body
 
     # --- life cycle ----------------------------------------------------------------------------
     def stop(self) -> None:
@@ -373,15 +441,17 @@ class EdgeAgent:
         self._loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self.stop)
-        state = self.store.recover()
-        log.info("store recovered: state %s, active %s", state.value, (self.store.active or {}).get("bundle_sha256"))
+        for name, store in self.stores.items():
+            state = store.recover()
+            log.info("%s recovered: state %s, active %s", name, state.value, (store.active or {}).get("bundle_sha256"))
         await self.serve_active()
         await self.app.start()
         log.info("serving on %s: http %d, grpc %d", self.config.host, self.app.http_port, self.app.grpc_port)
-        if self.store.deployment.get("interrupted") and self.store.deployment.get("order"):
-            # Retry the interrupted order before the first report, so the controller sees it resume
-            # rather than a failure (the retained desired state would bring it back anyway).
-            self._queue_desired(self.store.deployment["order"])
+        for _name, store in self.stores.items():
+            if store.deployment.get("interrupted") and store.deployment.get("order"):
+                # Retry the interrupted order before the first report, so the controller sees it
+                # resume rather than a failure (it was checked and accepted before the restart).
+                self._queue(ModelOrder.from_body(store.deployment["order"]))
         tasks = [asyncio.create_task(self._worker()), asyncio.create_task(self._telemetry_loop())]
         await asyncio.sleep(0)  # let the worker enter a retried deployment before we connect
         self.link.start()

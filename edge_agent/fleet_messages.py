@@ -1,4 +1,4 @@
-"""The MQTT topic contract between the fleet controller and edge agents.
+"""The topic contract between the fleet controller and edge agents, and its typed messages.
 
 Topics, under a prefix (default ``edgedeploy``)::
 
@@ -8,61 +8,294 @@ Topics, under a prefix (default ``edgedeploy``)::
     {prefix}/devices/{device_id}/telemetry  QoS 0, device -> controller, every telemetry period
     {prefix}/devices/{device_id}/events     QoS 1, device -> controller, one per state transition
 
-Every message is a JSON object with ``"schema": 1``. A message that is not JSON, is larger than
-:data:`MAX_MESSAGE_BYTES`, has another schema version or lacks a required field is refused by
+Every message is a JSON object with ``"schema": 2`` (:data:`SCHEMA_VERSION`); receivers also
+accept ``"schema": 1``. Schema 2's desired message is a set of named models (:class:`DesiredState`
+of :class:`ModelOrder`), schema 1's is one model. A desired message is an *order*: it carries the
+device id, a sequence number, an expiry and the controller's signature (:mod:`edge_agent.orders`).
+The reported message (:class:`DeviceReport`) holds one :class:`ModelReport` per model, and the
+fields of schema 1 for the model ordered last. A message that is not JSON, is larger than
+:data:`MAX_MESSAGE_BYTES`, has an unknown schema version or lacks a required field is refused by
 :func:`parse_message` with a ValidationError; receivers log it and go on.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import re
+from dataclasses import dataclass, field
 from typing import Any
 
 from edge_agent.errors import ValidationError
 from edge_agent.jsonlimits import loads_bounded
 
 __all__ = [
+    "ACCEPTED_SCHEMAS",
     "DEFAULT_PREFIX",
     "MAX_MESSAGE_BYTES",
     "MESSAGE_KINDS",
     "SCHEMA_VERSION",
+    "BundleRef",
+    "DeployState",
+    "DesiredState",
+    "DeviceReport",
+    "ModelOrder",
+    "ModelReport",
+    "OrderAction",
+    "check_device_id",
+    "check_model_name",
     "encode_message",
     "parse_message",
     "parse_topic",
     "topic",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+ACCEPTED_SCHEMAS = (1, 2)
 DEFAULT_PREFIX = "edgedeploy"
 MAX_MESSAGE_BYTES = 256 * 1024
 MESSAGE_KINDS = ("desired", "reported", "status", "telemetry", "events")
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # it names a folder on the device
+_ORDER_FIELDS = ("device_id", "seq", "expires", "signature")
 
-# Fields each kind must carry (besides "schema"); more fields are allowed.
-_REQUIRED: dict[str, tuple[str, ...]] = {
-    # {"deployment_id", "bundle_url", "bundle_sha256", "model": {"name", "version"},
-    #  "allow_downgrade": false, "rollout_id": "r-..." | null}
-    # optional "action": "remove" (bundle_url/bundle_sha256 ""): unload the model; a rollback sends
-    # it to a device that ran nothing before the rollout.
-    "desired": ("deployment_id", "bundle_url", "bundle_sha256", "model"),
-    # {"device_id", "state", "deployment_id", "active": {...} | null, "previous": {...} | null,
-    #  "error": str | null, "profile", "groups", "tags", "http_port", "grpc_port", "agent_version", "ts"}
-    "reported": ("device_id", "state", "ts"),
+# Fields each kind must carry (besides "schema"), by schema; more fields are allowed.
+_REQUIRED: dict[str, dict[int, tuple[str, ...]]] = {
+    # 1: {"deployment_id", "bundle_url", "bundle_sha256", "model": {"name", "version"},
+    #     "allow_downgrade", "rollout_id", "action"?: "remove"} plus the order fields
+    # 2: {"device_id", "seq", "expires", "models": {name: <schema-1 body>}, "signature"}
+    "desired": {1: ("deployment_id", "bundle_url", "bundle_sha256", "model"),
+                2: ("device_id", "seq", "expires", "models")},
+    # {"device_id", "state", "ts", "models": {name: ModelReport}, ... see DeviceReport}
+    "reported": {1: ("device_id", "state", "ts"), 2: ("device_id", "state", "ts")},
     # {"online": bool, "ts"}
-    "status": ("online",),
+    "status": {1: ("online",), 2: ("online",)},
     # {"device_id", "ts", "uptime_s", "cpu_percent", "memory_rss_mb", "models": {name: {...}}}
-    "telemetry": ("device_id", "ts"),
-    # {"device_id", "deployment_id", "from", "to", "reason", "ts"}
-    "events": ("device_id", "to", "ts"),
+    "telemetry": {1: ("device_id", "ts"), 2: ("device_id", "ts")},
+    # {"device_id", "model", "deployment_id", "from", "to", "reason", "refused"?, "ts"}
+    "events": {1: ("device_id", "to", "ts"), 2: ("device_id", "to", "ts")},
 }
+
+
+class DeployState(enum.StrEnum):
+    """States of one model's deployment on a device, shared by the agent and the controller."""
+
+    IDLE = "idle"
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    INSTALLING = "installing"
+    HEALTH_CHECKING = "health-checking"
+    ACTIVE = "active"
+    FAILED = "failed"
+    ROLLED_BACK = "rolled-back"
+
+    @classmethod
+    def parse(cls, value: Any) -> DeployState:
+        """The state named ``value``; ValidationError for anything else."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValidationError(f"unknown deployment state {value!r}") from None
+
+
+class OrderAction(enum.StrEnum):
+    """What an order asks for one model."""
+
+    DEPLOY = "deploy"
+    REMOVE = "remove"  # unload the model (a rollback to a device that ran nothing before)
 
 
 def check_device_id(device_id: str) -> str:
     """Refuse a device id that cannot be a single MQTT topic level."""
-    if not _DEVICE_ID.match(device_id or ""):
+    if not isinstance(device_id, str) or not _DEVICE_ID.match(device_id):
         raise ValidationError(f"invalid device id {device_id!r}: use letters, digits, '.', '_', ':' or '-'")
     return device_id
+
+
+def check_model_name(name: Any) -> str:
+    """Refuse a model name that cannot be a folder name on the device."""
+    if not isinstance(name, str) or not _MODEL_NAME.match(name):
+        raise ValidationError(f"invalid model name {name!r}: use letters, digits, '.', '_' or '-'")
+    return name
+
+
+def _optional_str(body: dict[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ValidationError(f"field {key!r} must be a string, not {type(value).__name__}")
+    return value
+
+
+@dataclass(frozen=True)
+class ModelOrder:
+    """The desired state of one named model: a bundle to run, or its removal."""
+
+    name: str
+    deployment_id: str
+    bundle_url: str = ""
+    bundle_sha256: str = ""
+    version: int | str | None = None
+    action: OrderAction = OrderAction.DEPLOY
+    allow_downgrade: bool = False
+    rollout_id: str | None = None
+
+    @classmethod
+    def from_body(cls, body: Any, name: str | None = None) -> ModelOrder:
+        """Parse a schema-1 desired body (or one entry of schema 2's ``models``)."""
+        if not isinstance(body, dict):
+            raise ValidationError("a model order must be a JSON object")
+        model = body["model"] if isinstance(body.get("model"), dict) else {}
+        name = check_model_name(name if name is not None else model.get("name"))
+        if model.get("name") not in (None, name):
+            raise ValidationError(f"model order {name!r} names model {model.get('name')!r}")
+        version = model.get("version")
+        if version is not None and (isinstance(version, bool) or not isinstance(version, int | str)):
+            raise ValidationError(f"model {name!r}: version must be a number or a string")
+        action = OrderAction.REMOVE if body.get("action") == "remove" or not body.get("bundle_sha256") \
+            else OrderAction.DEPLOY
+        return cls(name=name, deployment_id=_optional_str(body, "deployment_id") or "",
+                   bundle_url=_optional_str(body, "bundle_url") or "",
+                   bundle_sha256=_optional_str(body, "bundle_sha256") or "", version=version, action=action,
+                   allow_downgrade=body.get("allow_downgrade") is True,
+                   rollout_id=_optional_str(body, "rollout_id"))
+
+    def to_body(self) -> dict[str, Any]:
+        """The JSON form (schema 1's desired fields)."""
+        body: dict[str, Any] = {"deployment_id": self.deployment_id, "bundle_url": self.bundle_url,
+                                "bundle_sha256": self.bundle_sha256,
+                                "model": {"name": self.name, "version": self.version},
+                                "allow_downgrade": self.allow_downgrade, "rollout_id": self.rollout_id}
+        if self.action == OrderAction.REMOVE:
+            body["action"] = "remove"
+        return body
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    """A device's desired state: named model orders plus the order envelope (see edge_agent.orders)."""
+
+    models: dict[str, ModelOrder]
+    device_id: str | None = None
+    seq: int | None = None
+    expires: float | None = None
+    schema: int = SCHEMA_VERSION
+
+    @classmethod
+    def from_message(cls, message: dict[str, Any]) -> DesiredState:
+        """Typed view of a parsed desired message of schema 1 (one model) or 2 (a set)."""
+        if message.get("schema") == 1:
+            orders = [ModelOrder.from_body(message)]
+        else:
+            models = message.get("models")
+            if not isinstance(models, dict):
+                raise ValidationError("desired message: 'models' must be an object of model name -> order")
+            orders = [ModelOrder.from_body(body, name) for name, body in sorted(models.items())]
+        seq, expires = message.get("seq"), message.get("expires")
+        if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int) or seq < 0):
+            raise ValidationError("desired message: 'seq' must be a whole number >= 0")
+        if expires is not None and (isinstance(expires, bool) or not isinstance(expires, int | float)):
+            raise ValidationError("desired message: 'expires' must be a time in seconds")
+        device_id = message.get("device_id")
+        return cls({o.name: o for o in orders}, None if device_id is None else check_device_id(device_id),
+                   seq, None if expires is None else float(expires), int(message["schema"]))
+
+    def to_body(self) -> dict[str, Any]:
+        """The schema-2 body (without ``schema`` and ``signature``)."""
+        return {"device_id": self.device_id, "seq": self.seq, "expires": self.expires,
+                "models": {name: order.to_body() for name, order in sorted(self.models.items())}}
+
+
+@dataclass(frozen=True)
+class BundleRef:
+    """A bundle installed for one model (a reported ``active`` or ``previous``)."""
+
+    name: str | None
+    version: int | str | None
+    bundle_sha256: str | None
+    bundle_url: str | None = None
+    deployment_id: str | None = None
+
+    @classmethod
+    def from_body(cls, body: Any) -> BundleRef | None:
+        """Parse a reported ``active``/``previous`` (schema 1 and 2 shapes); None when absent."""
+        if not isinstance(body, dict) or not body.get("bundle_sha256"):
+            return None
+        model = body["model"] if isinstance(body.get("model"), dict) else {}
+        return cls(model.get("name") or body.get("name"), model.get("version", body.get("version")),
+                   body.get("bundle_sha256"), body.get("bundle_url"), body.get("deployment_id"))
+
+    def to_body(self) -> dict[str, Any]:
+        """The JSON form."""
+        return {"model": {"name": self.name, "version": self.version}, "name": self.name, "version": self.version,
+                "bundle_sha256": self.bundle_sha256, "bundle_url": self.bundle_url,
+                "deployment_id": self.deployment_id}
+
+
+@dataclass(frozen=True)
+class ModelReport:
+    """What one model on a device is doing."""
+
+    name: str
+    state: DeployState
+    deployment_id: str | None = None
+    rollout_id: str | None = None
+    active: BundleRef | None = None
+    previous: BundleRef | None = None
+    error: str | None = None
+    ts: float | None = None
+
+    @classmethod
+    def from_body(cls, name: str, body: dict[str, Any]) -> ModelReport:
+        """Parse one entry of ``models`` (or the top level of a schema-1 report)."""
+        return cls(name, DeployState.parse(body.get("state", "idle")), body.get("deployment_id"),
+                   body.get("rollout_id"), BundleRef.from_body(body.get("active")),
+                   BundleRef.from_body(body.get("previous")), body.get("error"), body.get("ts"))
+
+    def to_body(self) -> dict[str, Any]:
+        """The JSON form."""
+        return {"state": self.state.value, "deployment_id": self.deployment_id, "rollout_id": self.rollout_id,
+                "active": self.active.to_body() if self.active else None,
+                "previous": self.previous.to_body() if self.previous else None, "error": self.error,
+                "ts": self.ts}
+
+
+@dataclass(frozen=True)
+class DeviceReport:
+    """A device's reported state: every model, plus who the device is (``info``: profile, groups, ports...)."""
+
+    device_id: str
+    models: dict[str, ModelReport]
+    ts: float
+    info: dict[str, Any] = field(default_factory=dict)
+    refused: str | None = None  # the last order this device refused, as one line
+    primary: str | None = None  # the model ordered last: schema 1's top-level fields describe it
+
+    @classmethod
+    def from_message(cls, message: dict[str, Any]) -> DeviceReport:
+        """Typed view of a parsed reported message (schema 1: the top level is the one model)."""
+        models: dict[str, ModelReport] = {}
+        if isinstance(message.get("models"), dict):
+            for name, body in message["models"].items():
+                if isinstance(body, dict):
+                    models[name] = ModelReport.from_body(name, body)
+        else:
+            single = ModelReport.from_body("", message)
+            name = (single.active or single.previous or BundleRef(None, None, None)).name
+            if name:
+                models[name] = ModelReport.from_body(name, message)
+        info = {k: v for k, v in message.items() if k not in ("schema", "models", "refused", "primary")}
+        return cls(str(message.get("device_id")), models, float(message.get("ts") or 0.0), info,
+                   message.get("refused"), message.get("primary") or next(iter(models), None))
+
+    def to_body(self) -> dict[str, Any]:
+        """The JSON form: ``models`` plus schema 1's fields for the primary model."""
+        primary = self.models.get(self.primary or "")
+        legacy = primary.to_body() if primary else {"state": DeployState.IDLE.value, "deployment_id": None,
+                                                    "rollout_id": None, "active": None, "previous": None,
+                                                    "error": None}
+        legacy.pop("ts", None)
+        return {**self.info, **legacy, "device_id": self.device_id, "ts": self.ts, "primary": self.primary,
+                "refused": self.refused, "models": {n: m.to_body() for n, m in sorted(self.models.items())}}
 
 
 def topic(device_id: str, kind: str, prefix: str = DEFAULT_PREFIX) -> str:
@@ -86,7 +319,7 @@ def parse_topic(name: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, str]:
 
 
 def encode_message(kind: str, body: dict[str, Any]) -> bytes:
-    """JSON bytes of a message of ``kind``, with the schema version added; checks required fields."""
+    """JSON bytes of a message of ``kind`` (schema 2 unless ``body`` names one); checks required fields."""
     message = {"schema": SCHEMA_VERSION, **body}
     _check_fields(kind, message)
     data = json.dumps(message, sort_keys=True, separators=(",", ":")).encode()
@@ -98,11 +331,9 @@ def encode_message(kind: str, body: dict[str, Any]) -> bytes:
 def parse_message(kind: str, payload: bytes) -> dict[str, Any]:
     """Decode and check a message; ValidationError says why it is refused."""
     # bounded first: 100,000 nested brackets would raise RecursionError inside the parser
-    message = loads_bounded(payload, MAX_MESSAGE_BYTES, what=f"{kind} message")
+    message = loads_bounded(payload, max_bytes=MAX_MESSAGE_BYTES, what=f"{kind} message")
     if not isinstance(message, dict):
         raise ValidationError(f"{kind} message is not a JSON object")
-    if message.get("schema") != SCHEMA_VERSION:
-        raise ValidationError(f"{kind} message has schema {message.get('schema')!r}, expected {SCHEMA_VERSION}")
     _check_fields(kind, message)
     return message
 
@@ -110,9 +341,22 @@ def parse_message(kind: str, payload: bytes) -> dict[str, Any]:
 def _check_fields(kind: str, message: dict[str, Any]) -> None:
     if kind not in _REQUIRED:
         raise ValidationError(f"unknown message kind {kind!r}")
-    missing = [name for name in _REQUIRED[kind] if name not in message]
+    schema = message.get("schema")
+    if isinstance(schema, bool) or schema not in ACCEPTED_SCHEMAS:
+        accepted = " or ".join(str(v) for v in ACCEPTED_SCHEMAS)
+        raise ValidationError(f"{kind} message has schema {schema!r}, expected {accepted}")
+    missing = [name for name in _REQUIRED[kind][schema] if name not in message]
     if missing:
         raise ValidationError(f"{kind} message lacks field(s): {', '.join(missing)}")
-    if kind == "desired" and not isinstance(message["model"], dict):
-        raise ValidationError(f"desired message: 'model' must be an object with 'name' and 'version', "
-                              f"got {type(message['model']).__name__}")
+    if kind == "desired":
+        _check_model_objects(message, schema)
+
+
+def _check_model_objects(message: dict[str, Any], schema: int) -> None:
+    """Each order's ``model`` is an object (schema 1: the message itself; schema 2: each entry)."""
+    models = message.get("models")
+    orders = [message] if schema == 1 else list(models.values()) if isinstance(models, dict) else []
+    for order in orders:
+        if isinstance(order, dict) and "model" in order and not isinstance(order["model"], dict):
+            raise ValidationError(f"desired message: 'model' must be an object with 'name' and 'version', "
+                                  f"got {type(order['model']).__name__}")

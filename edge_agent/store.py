@@ -1,11 +1,16 @@
-"""The bundle store on a device: two slots (A/B) and a persisted deployment state machine.
+"""The bundle stores on a device: per named model, two slots (A/B) and a persisted state machine.
 
 Layout under ``data_dir``::
 
-    slots/a/, slots/b/         unpacked, verified bundles (manifest.json is written last)
-    store.json                 which slot is active and which is the previous (last good) one
-    deployment.json            the current deployment: state, order, target slot, error
-    downloads/<sha>.part       partial downloads (resumed with Range)
+    models/<name>/slots/a/, slots/b/   unpacked, verified bundles (manifest.json is written last)
+    models/<name>/store.json           which slot is active and which is the previous (last good) one
+    models/<name>/deployment.json      the model's current deployment: state, order, target slot, error
+    downloads/<sha>.part               partial downloads, shared (resumed with Range)
+    orders.json                        the last applied order's sequence (edge_agent.orders)
+
+Each model is one :class:`BundleStore`; :class:`ModelStores` holds them all. A data_dir of the
+single-model layout (``slots/``, ``store.json`` at the top) is moved under ``models/<its name>/``
+the first time :class:`ModelStores` opens it.
 
 ``store.json`` is the commit point: a bundle is live once it is written there. The deployment
 state is written (atomically) *before* each step is entered, so after a kill -9 :meth:`recover`
@@ -14,38 +19,27 @@ knows what was going on and resolves it to a complete slot, never a half-install
 
 from __future__ import annotations
 
-import enum
 import logging
 import shutil
 import time
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from edge_agent.atomic import atomic_write_json, read_json
 from edge_agent.bundle import load_extracted
-from edge_agent.errors import BundleError, DeploymentError
+from edge_agent.errors import BundleError, DeploymentError, ValidationError
+from edge_agent.fleet_messages import DeployState, check_model_name
 
-__all__ = ["IN_PROGRESS", "SLOTS", "TRANSITIONS", "BundleStore", "DeployState", "Event", "next_state"]
+__all__ = ["IN_PROGRESS", "SLOTS", "TRANSITIONS", "BundleStore", "DeployState", "Event", "ModelStores",
+           "next_state"]
 
 log = logging.getLogger(__name__)
 
 SLOTS = ("a", "b")
 
 
-class DeployState(enum.StrEnum):
-    """States of one deployment on the device (the ``state`` of a reported message)."""
-
-    IDLE = "idle"
-    DOWNLOADING = "downloading"
-    VERIFYING = "verifying"
-    INSTALLING = "installing"
-    HEALTH_CHECKING = "health-checking"
-    ACTIVE = "active"
-    FAILED = "failed"
-    ROLLED_BACK = "rolled-back"
-
-
-class Event(enum.StrEnum):
+class Event(StrEnum):
     """What happened to move a deployment on."""
 
     START = "start"        # a new desired state arrived
@@ -83,10 +77,10 @@ def next_state(state: DeployState, event: Event) -> DeployState:
 class BundleStore:
     """A/B slots plus the persisted deployment record of one device."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, downloads: Path | None = None) -> None:
         self.root = Path(data_dir)
         self.slots_dir = self.root / "slots"
-        self.downloads = self.root / "downloads"
+        self.downloads = downloads or self.root / "downloads"
         self._store_file = self.root / "store.json"
         self._deploy_file = self.root / "deployment.json"
         self.slots_dir.mkdir(parents=True, exist_ok=True)
@@ -224,3 +218,54 @@ class BundleStore:
             log.error("active slot %s is incomplete and no previous bundle is left", active.get("slot"))
             self.pointers = {"active": None, "previous": None}
         atomic_write_json(self._store_file, self.pointers)
+
+
+class ModelStores:
+    """Every named model's :class:`BundleStore` on one device, created on first use."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.root = Path(data_dir)
+        self.models_dir = self.root / "models"
+        self.downloads = self.root / "downloads"
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        self._migrate_single_model_layout()
+        self._stores: dict[str, BundleStore] = {}
+        for folder in sorted(self.models_dir.iterdir()):
+            if folder.is_dir() and not folder.name.startswith("."):
+                self._stores[folder.name] = BundleStore(folder, self.downloads)
+
+    def get(self, name: str) -> BundleStore:
+        """The store of model ``name`` (a new, idle one the first time)."""
+        if name not in self._stores:
+            self._stores[check_model_name(name)] = BundleStore(self.models_dir / name, self.downloads)
+        return self._stores[name]
+
+    def items(self) -> list[tuple[str, BundleStore]]:
+        """(name, store) of every model this device has had, by name."""
+        return sorted(self._stores.items())
+
+    def latest(self) -> str | None:
+        """The model whose deployment changed last (what schema 1's single-model fields describe)."""
+        dated = [(store.deployment.get("ts") or 0.0, name) for name, store in self._stores.items()]
+        return max(dated)[1] if dated else None
+
+    def _migrate_single_model_layout(self) -> None:
+        """Move a pre-v2 data_dir's one model under ``models/<name>/`` (rename: atomic per entry)."""
+        old = BundleStore._read(self.root / "store.json", {})
+        record = BundleStore._read(self.root / "deployment.json", {})
+        if not old and not record:
+            return
+        pointer = old.get("active") or old.get("previous") or {}
+        model = pointer.get("model") or (record.get("order") or {}).get("model") or {}
+        try:
+            name = check_model_name(model.get("name"))
+        except ValidationError:
+            log.warning("the single-model store in %s names no valid model; starting empty", self.root)
+            return
+        target = self.models_dir / name
+        target.mkdir(parents=True, exist_ok=True)
+        # store.json moves last: until then a restart finds the old layout and finishes the move.
+        for entry in ("slots", "deployment.json", "store.json"):
+            if (self.root / entry).exists():
+                (self.root / entry).replace(target / entry)
+        log.info("moved the single-model store of %r under %s", name, target)

@@ -2,11 +2,18 @@
 
 A key id is the first 16 hex digits of the sha256 of the raw 32-byte public key. The local trust
 store is ``EDGEDEPLOY_HOME/trust/<key_id>.pub``; a device trusts exactly its ``trusted_keys`` files.
+
+Every key has one role: ``publisher`` keys sign bundles, ``orders`` keys sign the controller's
+desired-state orders. A key file may hold several PEM blocks, each preceded by a role line
+(``edgedeploy-role: orders``); a block without one is a publisher key (files exported before
+roles existed). A store holds the keys of one role only, so a bundle signed with the order key,
+or an order signed with the publisher key, is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -17,7 +24,25 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edge_agent.errors import NotFoundError, ValidationError
 from edge_agent.home import edgedeploy_home
 
-__all__ = ["TrustStore", "key_id_of", "load_public_key", "public_pem", "trust_dir"]
+__all__ = [
+    "ORDERS",
+    "PUBLISHER",
+    "ROLES",
+    "TrustStore",
+    "key_id_of",
+    "load_public_key",
+    "load_role_keys",
+    "public_pem",
+    "role_pem",
+    "trust_dir",
+]
+
+PUBLISHER = "publisher"
+ORDERS = "orders"
+ROLES = (PUBLISHER, ORDERS)
+_ROLE_LINE = "edgedeploy-role:"
+_PEM_BLOCK = re.compile(rb"-----BEGIN PUBLIC KEY-----.+?-----END PUBLIC KEY-----\s*", re.S)
+_ROLE_MARK = re.compile(rb"edgedeploy-role:\s*([A-Za-z-]+)\s*$")
 
 
 def key_id_of(public_key: Ed25519PublicKey) -> str:
@@ -31,18 +56,50 @@ def public_pem(public_key: Ed25519PublicKey) -> bytes:
     return public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
+def role_pem(public_key: Ed25519PublicKey, role: str) -> bytes:
+    """The public key as PEM preceded by its role line (PEM allows text before a block)."""
+    if role not in ROLES:
+        raise ValidationError(f"unknown key role {role!r}: use {' or '.join(ROLES)}")
+    return f"{_ROLE_LINE} {role}\n".encode() + public_pem(public_key)
+
+
 def trust_dir(home: Path | None = None) -> Path:
     """The local trust store's folder."""
     return (home or edgedeploy_home()) / "trust"
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
-    """Read an ed25519 public key from a PEM file, with a clear error when it is not one."""
+    """Read the (first) publisher ed25519 key from a PEM file, with a clear error when there is none."""
+    publishers = [key for role, key in load_role_keys(path) if role == PUBLISHER]
+    if not publishers:
+        raise ValidationError(f"{path} holds no publisher key (only {ORDERS!r} keys)")
+    return publishers[0]
+
+
+def load_role_keys(path: Path) -> list[tuple[str, Ed25519PublicKey]]:
+    """Every (role, key) in a key file; an unmarked block is a publisher key."""
     path = Path(path)
     if not path.is_file():
         raise NotFoundError(f"public key file not found: {path}")
+    data = path.read_bytes()
+    found: list[tuple[str, Ed25519PublicKey]] = []
+    start = 0
+    for block in _PEM_BLOCK.finditer(data):
+        preamble = data[start:block.start()].strip().splitlines()
+        start = block.end()
+        mark = _ROLE_MARK.match(preamble[-1].strip()) if preamble else None
+        role = mark.group(1).decode() if mark else PUBLISHER
+        if role not in ROLES:
+            raise ValidationError(f"{path}: unknown key role {role!r} (known: {', '.join(ROLES)})")
+        found.append((role, _parse_public_key(block.group(), path)))
+    if not found:
+        raise ValidationError(f"{path} is not a PEM public key (no BEGIN PUBLIC KEY block)")
+    return found
+
+
+def _parse_public_key(pem: bytes, path: Path) -> Ed25519PublicKey:
     try:
-        public_key = serialization.load_pem_public_key(path.read_bytes())
+        public_key = serialization.load_pem_public_key(pem)
     except ValueError as exc:
         raise ValidationError(f"{path} is not a PEM public key ({exc})") from None
     if not isinstance(public_key, Ed25519PublicKey):
@@ -57,9 +114,9 @@ class TrustStore:
         self._keys = {key_id_of(key): key for key in keys}
 
     @classmethod
-    def from_files(cls, paths: Iterable[Path]) -> TrustStore:
-        """Trust exactly the keys in these PEM files (a device's ``trusted_keys``)."""
-        return cls(load_public_key(Path(p)) for p in paths)
+    def from_files(cls, paths: Iterable[Path], role: str = PUBLISHER) -> TrustStore:
+        """Trust exactly the keys of ``role`` in these PEM files (a device's ``trusted_keys``)."""
+        return cls(key for p in paths for key_role, key in load_role_keys(Path(p)) if key_role == role)
 
     @classmethod
     def local(cls, home: Path | None = None) -> TrustStore:

@@ -1,5 +1,10 @@
 """Fleet rollouts over MQTT: who runs what, and moving a selection of devices to a new bundle.
 
+A rollout moves one named model; a device's other models are left as they are. Every desired
+message is a signed order (:mod:`edge_agent.orders`): the controller's order key signs it, with
+the device id, the next number of a per-device counter persisted under
+``EDGEDEPLOY_HOME/fleet/sequences.json`` (so two CLI runs still count up) and an expiry.
+
 The rollout logic lives in :class:`RolloutPlan` and is pure (no I/O besides its JSON form): wave
 splitting, which reports count as success or failure, the failure threshold and the next action.
 :class:`FleetController` is the thin adapter: it reads retained ``status``/``reported`` messages,
@@ -9,6 +14,7 @@ publishes retained ``desired`` messages and persists the plan after every step u
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import math
 import secrets
@@ -21,14 +27,30 @@ from urllib.parse import urlparse
 
 from edge_agent.atomic import atomic_write_json, read_json
 from edge_agent.errors import EdgeDeployError, NotFoundError, UsageError, ValidationError, brief
-from edge_agent.fleet_messages import DEFAULT_PREFIX, encode_message, parse_message, parse_topic, topic
+from edge_agent.fleet_messages import (
+    DEFAULT_PREFIX,
+    DeployState,
+    DesiredState,
+    DeviceReport,
+    ModelOrder,
+    ModelReport,
+    OrderAction,
+    encode_message,
+    parse_message,
+    parse_topic,
+    topic,
+)
 from edge_agent.home import edgedeploy_home
+from edge_agent.orders import ORDER_TTL_S, sign_order, verify_order
+from edge_agent.transport import ControllerTransport, controller_transport
+from edge_agent.trust import TrustStore
 
 __all__ = [
     "DEFAULT_BROKER",
     "DeviceSelector",
     "FleetController",
     "RolloutPlan",
+    "SequenceCounter",
     "parse_fraction",
     "parse_wave",
     "split_waves",
@@ -38,7 +60,19 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 TERMINAL = ("succeeded", "failed", "rolled-back")
-FAILED_STATES = ("failed", "rolled-back")
+FAILED_STATES = (DeployState.FAILED, DeployState.ROLLED_BACK)
+
+
+def model_report(report: dict[str, Any] | None, name: str) -> ModelReport | None:
+    """Model ``name``'s part of a device's reported message (schema 1 or 2); None when absent."""
+    if not report:
+        return None
+    try:
+        if not isinstance(report.get("models"), dict):  # a single-model agent: the top level is the model
+            return ModelReport.from_body(name, report)
+        return DeviceReport.from_message(report).models.get(name)
+    except (ValidationError, TypeError, ValueError):
+        return None
 
 
 def parse_fraction(text: str | float) -> float:
@@ -181,12 +215,15 @@ class RolloutPlan:
         device = self.devices.get(device_id)
         if device is None or device["state"] != "updating":
             return False
-        active = report.get("active") or {}
-        if report.get("state") == "active" and active.get("bundle_sha256") == self.target["bundle_sha256"]:
+        model = model_report(report, self.target["model"]["name"])
+        if model is None:
+            return False
+        if model.state == DeployState.ACTIVE and model.active and \
+                model.active.bundle_sha256 == self.target["bundle_sha256"]:
             device["state"] = "succeeded"
             return True
-        if report.get("state") in FAILED_STATES and report.get("deployment_id") == self.rollout_id:
-            device["state"], device["error"] = "failed", report.get("error") or report.get("state")
+        if model.state in FAILED_STATES and model.deployment_id == self.rollout_id:
+            device["state"], device["error"] = "failed", model.error or model.state.value
             return True
         return False
 
@@ -271,6 +308,24 @@ _MQTT_VERSIONS = ("auto", "5", "3.1.1")
 _SILENT_CONNACK_S = 3.0  # an MQTT 5 CONNECT left unanswered this long: the broker speaks 3.1.1 only (amqtt)
 
 
+class SequenceCounter:
+    """The controller's order counter per device, persisted so every order outnumbers the last."""
+
+    def __init__(self, home: Path) -> None:
+        self.path = home / "fleet" / "sequences.json"
+
+    def next(self, device_id: str, floor: int = -1) -> int:
+        """One more than both the last number given to ``device_id`` and ``floor`` (what the device saw)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # two CLI runs at once must not hand out one number twice
+            counters = read_json(self.path) if self.path.is_file() else {}
+            value = max(int(counters.get(device_id, -1)), floor) + 1
+            counters[device_id] = value
+            atomic_write_json(self.path, counters)
+        return value
+
+
 class _Link:
     """The MQTT side: latest retained ``reported``/``status`` per device, and publishing.
 
@@ -289,6 +344,7 @@ class _Link:
         self.prefix = prefix
         self.reported: dict[str, dict[str, Any]] = {}
         self.status: dict[str, dict[str, Any]] = {}
+        self.desired: dict[str, dict[str, Any]] = {}  # the retained orders, as the broker holds them
         self.last_seen: dict[str, float] = {}
         self.changed = threading.Condition()
         self._url = url
@@ -346,7 +402,7 @@ class _Link:
             self._answer.set()
             log.warning("broker refused the connection: %s", reason_code)
             return
-        client.subscribe([(topic("+", "reported", self.prefix), 1), (topic("+", "status", self.prefix), 1)])
+        client.subscribe([(topic("+", kind, self.prefix), 1) for kind in ("reported", "status", "desired")])
         self._connected.set()
         self._answer.set()
 
@@ -369,12 +425,13 @@ class _Link:
             log.info("ignoring a message on %s: %s", brief(message.topic, 200), exc)
             return
         with self.changed:
-            target = self.reported if kind == "reported" else self.status
+            target = {"reported": self.reported, "desired": self.desired}.get(kind, self.status)
             if body is None:
                 target.pop(device_id, None)
             else:
                 target[device_id] = body
-                self.last_seen[device_id] = time.time()
+                if kind != "desired":
+                    self.last_seen[device_id] = time.time()
             self.changed.notify_all()
 
     def settle(self, quiet: float = 0.3, limit: float = 3.0) -> None:
@@ -389,9 +446,9 @@ class _Link:
         with self.changed:
             self.changed.wait(timeout)
 
-    def publish_desired(self, device_id: str, body: dict[str, Any]) -> None:
-        """Publish a retained QoS 1 desired state and wait for the broker to take it."""
-        info = self._client.publish(topic(device_id, "desired", self.prefix), encode_message("desired", body),
+    def publish_desired(self, device_id: str, message: dict[str, Any]) -> None:
+        """Publish a retained QoS 1 desired state (a signed order) and wait for the broker to take it."""
+        info = self._client.publish(topic(device_id, "desired", self.prefix), encode_message("desired", message),
                                     qos=1, retain=True)
         deadline = time.monotonic() + 30
         while not info.is_published() and time.monotonic() < deadline:
@@ -408,21 +465,27 @@ class _Link:
         self._client.loop_stop()
 
 
+MQTTControllerLink = _Link  # the controller side of the MQTT fleet transport (its entry point's target)
+
+
 class FleetController:
     """Lists devices and runs rollouts; every step is persisted so a restart resumes a rollout."""
 
     def __init__(self, broker_url: str = DEFAULT_BROKER, prefix: str = DEFAULT_PREFIX,
-                 home: Path | None = None, mqtt_version: str = "auto") -> None:
+                 home: Path | None = None, mqtt_version: str = "auto", order_ttl_s: float = ORDER_TTL_S) -> None:
         self.broker_url = broker_url
         self.prefix = prefix
         self.mqtt_version = mqtt_version
         self.home = Path(home) if home else edgedeploy_home()
-        self._link: _Link | None = None
+        self.order_ttl_s = order_ttl_s
+        self.sequences = SequenceCounter(self.home)
+        self._link: ControllerTransport | None = None
 
     # -- connection --------------------------------------------------------------------------
-    def _connect(self) -> _Link:
+    def _connect(self) -> ControllerTransport:
         if self._link is None:
-            self._link = _Link(self.broker_url, self.prefix, self.mqtt_version)
+            self._link = controller_transport(self.broker_url)(self.broker_url, self.prefix,
+                                                               mqtt_version=self.mqtt_version)
             self._link.settle()
         return self._link
 
@@ -447,10 +510,14 @@ class FleetController:
             return [self._device_row(link, d) for d in ids]
 
     @staticmethod
-    def _device_row(link: _Link, device_id: str) -> dict[str, Any]:
+    def _device_row(link: ControllerTransport, device_id: str) -> dict[str, Any]:
         report = link.reported.get(device_id, {})
         active = report.get("active") or {}
         model: dict[str, Any] = active["model"] if isinstance(active.get("model"), dict) else {}
+        try:
+            models = DeviceReport.from_message(report).models if report else {}
+        except (ValidationError, TypeError, ValueError):
+            models = {}
         return {
             "device_id": device_id,
             "online": bool(link.status.get(device_id, {}).get("online", False)),
@@ -465,6 +532,10 @@ class FleetController:
             "http_port": report.get("http_port"),
             "grpc_port": report.get("grpc_port"),
             "error": report.get("error"),
+            "refused": report.get("refused"),
+            "models": [{"name": name, "version": m.active.version if m.active else None,
+                        "bundle_sha256": m.active.bundle_sha256 if m.active else None, "state": m.state.value,
+                        "error": m.error} for name, m in sorted(models.items())],
         }
 
     # -- rollouts ----------------------------------------------------------------------------
@@ -473,7 +544,6 @@ class FleetController:
                 wave_timeout: float = 300.0) -> str:
         """Start (and with ``wait`` finish) a rollout of ``bundle_path`` to the selected devices."""
         from edge_agent.bundle import verify_bundle
-        from edge_agent.trust import TrustStore
         from packager.bundle_server import publish_bundle
 
         chosen = DeviceSelector.parse(selector)
@@ -488,7 +558,7 @@ class FleetController:
             if missing:
                 raise NotFoundError(f"unknown device(s): {', '.join(missing)}; see `edgedeploy fleet devices`")
         link = self._connect()
-        previous = {d["device_id"]: self._previous(link, d["device_id"], server_url) for d in rows}
+        previous = {d["device_id"]: self._previous(link, d["device_id"], manifest.name, server_url) for d in rows}
         rollout_id = f"r-{time.strftime('%Y%m%d%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
         plan = RolloutPlan.create(rollout_id, target, selector, previous, canary, wave, max_failures, wave_timeout)
         self._save(plan)
@@ -499,15 +569,15 @@ class FleetController:
         return rollout_id
 
     @staticmethod
-    def _previous(link: _Link, device_id: str, server_url: str) -> dict[str, Any] | None:
-        active = (link.reported.get(device_id) or {}).get("active") or {}
-        sha = active.get("bundle_sha256")
-        if not sha:
+    def _previous(link: ControllerTransport, device_id: str, name: str, server_url: str) -> dict[str, Any] | None:
+        """What model ``name`` runs on the device now (the rollback target), or None."""
+        report = model_report(link.reported.get(device_id), name)
+        active = report.active if report else None
+        if active is None or not active.bundle_sha256:
             return None
-        model = active.get("model") if isinstance(active.get("model"), dict) else {
-            "name": active.get("name"), "version": active.get("version")}
-        url = active.get("bundle_url") or f"{server_url.rstrip('/')}/bundles/{sha}.edb"
-        return {"bundle_sha256": sha, "bundle_url": url, "model": model}
+        url = active.bundle_url or f"{server_url.rstrip('/')}/bundles/{active.bundle_sha256}.edb"
+        return {"bundle_sha256": active.bundle_sha256, "bundle_url": url,
+                "model": {"name": active.name or name, "version": active.version}}
 
     def load(self, rollout_id: str) -> RolloutPlan:
         """The persisted plan of ``rollout_id``."""
@@ -552,19 +622,48 @@ class FleetController:
         self._save(plan)
         return plan
 
-    def _order(self, link: _Link, plan: RolloutPlan, device_id: str, target: dict[str, Any] | None,
+    def _order(self, link: ControllerTransport, plan: RolloutPlan, device_id: str, target: dict[str, Any] | None,
                rollback: bool = False) -> None:
-        body: dict[str, Any] = {"deployment_id": plan.rollout_id + ("-rollback" if rollback else ""),
-                                "rollout_id": plan.rollout_id, "allow_downgrade": rollback}
+        name = plan.target["model"]["name"]
+        deployment_id = plan.rollout_id + ("-rollback" if rollback else "")
         if target is None:  # the device ran nothing before: remove the model again
-            body.update(bundle_url="", bundle_sha256="", model={"name": plan.target["model"]["name"],
-                                                                "version": None}, action="remove")
+            order = ModelOrder(name, deployment_id, action=OrderAction.REMOVE, allow_downgrade=rollback,
+                               rollout_id=plan.rollout_id)
         else:
-            body.update(bundle_url=target["bundle_url"], bundle_sha256=target["bundle_sha256"],
-                        model=target["model"])
-        link.publish_desired(device_id, body)
+            order = ModelOrder(name, deployment_id, target["bundle_url"], target["bundle_sha256"],
+                               target["model"].get("version"), allow_downgrade=rollback, rollout_id=plan.rollout_id)
+        link.publish_desired(device_id, self.signed_order(link, device_id, order))
 
-    def _rollback(self, link: _Link, plan: RolloutPlan, reason: str) -> None:
+    def signed_order(self, link: ControllerTransport, device_id: str, order: ModelOrder) -> dict[str, Any]:
+        """The device's next desired state: what it was told for its other models, plus ``order``."""
+        from packager.keys import load_order_key
+
+        key = load_order_key(self.home)
+        with link.changed:
+            retained, report = link.desired.get(device_id), link.reported.get(device_id) or {}
+        current = self._own_order(retained, TrustStore([key.public_key]))
+        if current is not None and current.device_id != device_id:
+            current = None  # a valid order of another device, copied here: not this device's state
+        models = dict(current.models) if current else {}
+        models[order.name] = order
+        seen = max(current.seq if current and current.seq is not None else -1,
+                   report["last_seq"] if isinstance(report.get("last_seq"), int) else -1)
+        desired = DesiredState(models, device_id, self.sequences.next(device_id, seen),
+                               round(time.time() + self.order_ttl_s, 3))
+        return sign_order({"schema": desired.schema, **desired.to_body()}, key)
+
+    @staticmethod
+    def _own_order(message: dict[str, Any] | None, trust: TrustStore) -> DesiredState | None:
+        """The retained desired state when this controller signed it; anything else is not built on."""
+        if not message:
+            return None
+        try:
+            return verify_order(message, trust)
+        except ValidationError as exc:  # OrderRefused is one
+            log.info("not building on the retained order of %s: %s", message.get("device_id"), exc)
+            return None
+
+    def _rollback(self, link: ControllerTransport, plan: RolloutPlan, reason: str) -> None:
         devices = plan.begin_rollback(reason)
         self._save(plan)
         log.warning("rollout %s: rolling back %d device(s): %s", plan.rollout_id, len(devices), reason)

@@ -31,7 +31,8 @@ from paho.mqtt.properties import Properties
 from edge_agent.bundle import bundle_sha256
 from edge_agent.daemon import outputs_match
 from edge_agent.fleet_messages import MAX_MESSAGE_BYTES, encode_message, topic
-from packager.keys import SigningKey, export_public_key, generate_key
+from edge_agent.orders import sign_order
+from packager.keys import SigningKey, export_public_key, generate_key, load_order_key
 from packager.targets.base import free_port
 from tests.servers import dripping_server
 from tests.test_store import script_bundle
@@ -148,12 +149,25 @@ class Observer:
         self.client.loop_stop()
 
 
-def order(bundle: Path, folder: Path, base: str, version: int, deployment_id: str) -> bytes:
+def signed(body: dict[str, Any], device_id: str = DEVICE, seq: int | None = None, expires_in: float = 3600.0,
+           key: SigningKey | None = None, schema: int = 1) -> bytes:
+    """A desired message as the controller sends it: addressed, numbered, expiring and signed."""
+    message = {"schema": schema, **body, "device_id": device_id, "seq": time.time_ns() if seq is None else seq,
+               "expires": time.time() + expires_in}
+    return encode_message("desired", sign_order(message, key or load_order_key()))
+
+
+def order_body(bundle: Path, folder: Path, base: str, version: int, deployment_id: str,
+               name: str = "scorer") -> dict[str, Any]:
     sha = bundle_sha256(bundle)
     shutil.copy(bundle, folder / f"{sha}.edb")
-    return encode_message("desired", {"deployment_id": deployment_id, "bundle_url": f"{base}/{sha}.edb",
-                                      "bundle_sha256": sha, "model": {"name": "scorer", "version": version},
-                                      "allow_downgrade": False, "rollout_id": None})
+    return {"deployment_id": deployment_id, "bundle_url": f"{base}/{sha}.edb", "bundle_sha256": sha,
+            "model": {"name": name, "version": version}, "allow_downgrade": False, "rollout_id": None}
+
+
+def order(bundle: Path, folder: Path, base: str, version: int, deployment_id: str, name: str = "scorer") -> bytes:
+    """A signed schema-1 (single model) order, as controllers before schema 2 sent them, now signed."""
+    return signed(order_body(bundle, folder, base, version, deployment_id, name))
 
 
 def score(port: int) -> Any:
@@ -183,7 +197,7 @@ def test_agent_online_garbage_install_failed_health_lwt_and_restart(
     observer = Observer(broker)
     agent = start_agent(config, log)
     try:
-        assert observer.wait("status", lambda m: m["online"] is True)["schema"] == 1
+        assert observer.wait("status", lambda m: m["online"] is True)["schema"] == 2
         report = observer.wait("reported", lambda m: m["http_port"] > 0)
         assert report["state"] == "idle" and report["active"] is None and report["groups"] == ["kitchen"]
         assert report["grpc_port"] > 0 and report["tags"] == {"site": "milan"}
@@ -277,15 +291,16 @@ def test_onnx_bundle_health_check_compares_the_output_sample(
     agent = EdgeAgent(config)
 
     def desired(bundle: Path, deployment_id: str) -> dict:
-        return json.loads(order(bundle, folder, base, 1, deployment_id))
+        return order_body(bundle, folder, base, 1, deployment_id, name="digits")
 
     async def scenario() -> None:
+        store = agent.stores.get("digits")
         await agent.handle(desired(good, "g"))
-        assert agent.store.state.value == "active", agent.store.deployment.get("error")
+        assert store.state.value == "active", store.deployment.get("error")
         await agent.handle(desired(bad, "b"))
-        assert agent.store.state.value == "failed"
-        assert "output sample" in agent.store.deployment["error"]
-        assert agent.store.active["bundle_sha256"] == bundle_sha256(good)
+        assert store.state.value == "failed"
+        assert "output sample" in store.deployment["error"]
+        assert store.active["bundle_sha256"] == bundle_sha256(good)
         result = await agent.dataplane.score("digits", json.loads(sample_in.read_text()))
         assert outputs_match(result, first)
         await agent.repository.close()
@@ -446,13 +461,13 @@ def test_an_order_too_large_to_report_in_full_is_reported_shortened_and_the_next
             closed = sock.getsockname()[1]
         body = {"deployment_id": "huge-", "rollout_id": "", "allow_downgrade": False, "bundle_sha256": "a" * 64,
                 "bundle_url": f"http://127.0.0.1:{closed}/b.edb", "model": {"name": "scorer", "version": 1}}
-        fill = (MAX_MESSAGE_BYTES - 100 - len(encode_message("desired", body))) // 2  # just under the limit
+        fill = (MAX_MESSAGE_BYTES - 100 - len(signed(body))) // 2  # just under the limit
         body.update(deployment_id="huge-" + "d" * fill, rollout_id="r" * fill)
-        observer.desire(encode_message("desired", body))  # its reported state, with both ids and an error, is not
+        observer.desire(signed(body))  # its reported state, with both ids and an error, is not
         report = observer.wait("reported", lambda m: str(m["deployment_id"]).startswith("huge-")
                                and m["state"] == "failed")
         assert len(report["deployment_id"]) < 2000 and len(report["error"]) < 2000
-        deployment = json.loads((tmp_path / "data" / "deployment.json").read_text())
+        deployment = json.loads((tmp_path / "data" / "models" / "scorer" / "deployment.json").read_text())
         assert len(deployment["error"]) < 2000
         v1 = script_bundle(tmp_path / "v1.edb", signing_key, 1)
         observer.desire(order(v1, folder, base, 1, "after-huge"))
@@ -478,7 +493,7 @@ def test_the_worker_outlives_an_order_that_raises_outside_its_deployment_steps(
     config = parse_agent_config({"device_id": DEVICE, "broker": "mqtt://127.0.0.1:1", "data_dir": "data",
                                  "trusted_keys": ["publisher.pub"], "http_port": 0, "grpc_port": 0}, base=tmp_path)
     agent = EdgeAgent(config)
-    blocker = tmp_path / "data" / "deployment.json"
+    blocker = tmp_path / "data" / "models" / "scorer" / "deployment.json"
     v1 = script_bundle(tmp_path / "v1.edb", signing_key, 1)
 
     async def scenario() -> None:
@@ -486,16 +501,17 @@ def test_the_worker_outlives_an_order_that_raises_outside_its_deployment_steps(
         blocker.mkdir(parents=True)
         (blocker / "keep").touch()  # os.replace cannot put a file over a non-empty folder
         agent._queue_desired(json.loads(order(v1, folder, base, 1, "blocked")))
-        while agent._pending is not None or agent._current is not None:
+        while agent._pending or agent._current is not None:
             await asyncio.sleep(0.05)
         shutil.rmtree(blocker)
         agent._queue_desired(json.loads(order(v1, folder, base, 1, "unblocked")))
+        store = agent.stores.get("scorer")
         for _ in range(400):
-            if agent.store.state.value == "active" or worker.done():
+            if store.state.value == "active" or worker.done():
                 break
             await asyncio.sleep(0.05)
         assert not worker.done(), "the worker task ended"
-        assert agent.store.state.value == "active" and agent.store.deployment["deployment_id"] == "unblocked"
+        assert store.state.value == "active" and store.deployment["deployment_id"] == "unblocked"
         agent.stop()
         await asyncio.wait_for(worker, 10)
         await agent.repository.close()
@@ -516,7 +532,7 @@ def test_a_newer_order_preempts_a_download_from_a_stuck_server(
     try:
         drip = stack.enter_context(dripping_server(blob))
         observer.wait("status", lambda m: m["online"] is True)
-        observer.desire(encode_message("desired", {
+        observer.desire(signed({
             "deployment_id": "stuck", "bundle_url": f"{drip}/{sha}.edb", "bundle_sha256": sha,
             "model": {"name": "scorer", "version": 1}, "allow_downgrade": False}))
         observer.wait("reported", lambda m: m["deployment_id"] == "stuck" and m["state"] == "downloading")
@@ -549,13 +565,81 @@ def test_download_deadline_from_agent_yaml_ends_a_stuck_download_in_failed(
     try:
         with dripping_server(blob) as drip:
             observer.wait("status", lambda m: m["online"] is True)
-            observer.desire(encode_message("desired", {
+            observer.desire(signed({
                 "deployment_id": "slow", "bundle_url": f"{drip}/{sha}.edb", "bundle_sha256": sha,
                 "model": {"name": "scorer", "version": 1}, "allow_downgrade": False}))
             report = observer.wait("reported", lambda m: m["deployment_id"] == "slow" and m["state"] == "failed",
                                    timeout=20)
         assert "took over 1.5s" in report["error"] and "resumes" in report["error"]
         assert 0 < (tmp_path / "data" / "downloads" / f"{sha}.part").stat().st_size < len(blob)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait(10)
+        observer.close()
+
+
+def test_unsigned_replayed_expired_misaddressed_and_forged_orders_are_refused_and_the_model_keeps_serving(
+        broker: int, bundle_http: tuple[Path, str], signing_key: SigningKey, tmp_path: Path) -> None:
+    folder, base = bundle_http
+    export_public_key(tmp_path / "device.pub")  # the publisher key and the controller's order key, by role
+    config = tmp_path / "agent.yaml"
+    config.write_text(yaml.safe_dump({
+        "device_id": DEVICE, "broker": f"mqtt://127.0.0.1:{broker}", "data_dir": str(tmp_path / "data"),
+        "trusted_keys": [str(tmp_path / "device.pub")], "http_port": 0, "grpc_port": 0}))
+    log = tmp_path / "agent.log"
+    observer = Observer(broker)
+    agent = start_agent(config, log)
+    v1, v2 = (script_bundle(tmp_path / f"v{v}.edb", signing_key, v) for v in (1, 2))
+    old = signed(order_body(v1, folder, base, 1, "d-1"), seq=10)
+    try:
+        observer.desire(old)
+        observer.wait("reported", lambda m: m["state"] == "active" and m["active"]["version"] == 1, timeout=90)
+        current = signed({"models": {"scorer": order_body(v2, folder, base, 2, "d-2")}}, seq=11, schema=2)
+        observer.desire(current)
+        report = observer.wait("reported", lambda m: m["state"] == "active" and m["active"]["version"] == 2)
+        assert report["models"]["scorer"]["active"]["version"] == 2 and report["last_seq"] == 11
+        port = report["http_port"]
+
+        downgrade = dict(order_body(v1, folder, base, 1, "evil-1"), allow_downgrade=True)
+        forged = json.loads(signed(downgrade, seq=12))
+        forged["deployment_id"] = "evil-forged"  # changed after signing
+        expired = signed(dict(downgrade, deployment_id="evil-expired"), seq=13, expires_in=-60)
+        cases = [
+            (encode_message("desired", {"schema": 1, **downgrade}), "unsigned"),
+            (encode_message("desired", {"schema": 1, "deployment_id": "evil-2", "bundle_url": "", "bundle_sha256": "",
+                                        "model": {"name": "scorer", "version": None}, "action": "remove"}),
+             "unsigned"),
+            (old, "replayed (sequence 10 is not above 11"),
+            (expired, "expired"),
+            (signed(dict(downgrade, deployment_id="evil-other"), device_id="dev-other", seq=14),
+             "addressed to 'dev-other'"),
+            (signed(dict(downgrade, deployment_id="evil-publisher"), seq=15, key=signing_key),
+             "not a controller key"),
+            (json.dumps(forged).encode(), "signature does not match"),
+        ]
+        for payload, reason in cases:
+            observer.desire(payload)
+            observer.wait("events", lambda m, r=reason: m["to"] == "refused" and r in m["reason"])
+            report = observer.wait("reported", lambda m, r=reason: r in (m.get("refused") or ""))
+            assert report["refused"].startswith("refused order ") and "\n" not in report["refused"]
+            assert report["state"] == "active" and report["active"]["version"] == 2
+            assert score(port) == {"version": 2}
+        refusals = [e for e in observer.events if e["to"] == "refused"]
+        assert len(refusals) == len(cases) and all(e["reason"].startswith("refused order") for e in refusals)
+        assert "refused order evil-1: unsigned" in log.read_text()
+
+        observer.desire(current)  # the order applied last, again: nothing to do and nothing to report
+        before = len(observer.events)
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(30) == 0
+        restarted = time.time()
+        agent = start_agent(config, log)  # the retained order (sequence 11) is redelivered on connect
+        report = observer.wait("reported", lambda m: m["ts"] >= restarted and m["state"] == "active")
+        assert report["last_seq"] == 11 and report["refused"] is None and score(report["http_port"]) == {"version": 2}
+        observer.desire(old)  # the sequence survived the restart: still a replay
+        observer.wait("events", lambda m: m["to"] == "refused" and m["ts"] >= restarted and "replayed" in m["reason"])
+        assert [e["to"] for e in observer.events[before:]] == ["refused"]  # the redelivery did nothing
     finally:
         if agent.poll() is None:
             agent.kill()

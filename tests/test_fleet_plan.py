@@ -131,3 +131,23 @@ def test_no_matching_device_fails_the_plan() -> None:
     plan = RolloutPlan.create("r-2", TARGET, "group:none", {})
     assert plan.state == "failed" and "group:none" in plan.reason
     assert plan.next_action() == ("done", [])
+
+
+def test_order_sequences_rise_per_device_across_controller_runs_and_above_what_the_device_saw(
+        tmp_path: Path) -> None:
+    from packager.fleet import SequenceCounter
+
+    first, second = SequenceCounter(tmp_path), SequenceCounter(tmp_path)  # two CLI runs, one home
+    assert [first.next("pi-1"), second.next("pi-1"), first.next("pi-2")] == [0, 1, 0]
+    assert second.next("pi-1", floor=41) == 42  # the device applied 41 from a home that was lost
+    assert json.loads((tmp_path / "fleet" / "sequences.json").read_text()) == {"pi-1": 42, "pi-2": 0}
+
+
+def test_a_single_model_report_counts_for_the_plans_model() -> None:
+    from packager.fleet import model_report
+
+    legacy = {"schema": 1, "device_id": "pi-1", "state": "active", "ts": 1.0, "active": {"bundle_sha256": "b"}}
+    assert model_report(legacy, "digits").active.bundle_sha256 == "b"
+    several = {"schema": 2, "device_id": "pi-1", "state": "active", "ts": 1.0,
+               "models": {"ocr": {"state": "failed", "error": "boom"}}}
+    assert model_report(several, "digits") is None and model_report(several, "ocr").error == "boom"

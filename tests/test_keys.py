@@ -73,7 +73,36 @@ def test_cli_keys_roundtrip(tmp_path: Path) -> None:
     assert any(kind == "trusted" for kind, _ in kinds)
     out = tmp_path / "lab.pub"
     assert cli("keys", "export", "--name", "lab", "-o", str(out)).returncode == 0
-    assert out.read_text().startswith("-----BEGIN PUBLIC KEY-----")
+    assert out.read_text().startswith("edgedeploy-role: publisher\n-----BEGIN PUBLIC KEY-----")
+    assert ("orders", "controller") in sorted((row["kind"], row["name"]) for row in
+                                              json.loads(cli("keys", "list", "--json").stdout))
+
+
+def test_export_writes_publisher_and_order_keys_by_role_and_neither_stands_in_for_the_other(
+        tmp_path: Path) -> None:
+    from edge_agent.trust import ORDERS, PUBLISHER, load_role_keys
+
+    publisher = keys.generate_key()
+    orders = keys.load_order_key()
+    assert orders.key_id != publisher.key_id and keys.load_order_key().key_id == orders.key_id
+    exported = tmp_path / "device.pub"
+    keys.export_public_key(exported)
+    assert [role for role, _ in load_role_keys(exported)] == [PUBLISHER, ORDERS]
+    bundles = keys.TrustStore.from_files([exported])
+    order_trust = keys.TrustStore.from_files([exported], role=ORDERS)
+    assert bundles.key_ids == [publisher.key_id] and order_trust.key_ids == [orders.key_id]
+    assert orders.key_id not in keys.TrustStore.local()  # the order key never signs bundles here
+    device_home = tmp_path / "device-home"
+    assert keys.trust_key(exported, device_home) == publisher.key_id
+    assert keys.TrustStore.local(device_home).key_ids == [publisher.key_id]
+    legacy = tmp_path / "legacy.pub"  # exported before roles: one unmarked block, a publisher key
+    legacy.write_bytes(exported.read_bytes().split(b"edgedeploy-role: orders")[0].split(b"\n", 1)[1])
+    assert keys.TrustStore.from_files([legacy]).key_ids == [publisher.key_id]
+    assert keys.TrustStore.from_files([legacy], role=ORDERS).key_ids == []
+    odd = tmp_path / "odd.pub"
+    odd.write_bytes(exported.read_bytes().replace(b"role: orders", b"role: root"))
+    with pytest.raises(ValidationError, match="unknown key role 'root'"):
+        keys.TrustStore.from_files([odd])
 
 
 def test_cli_key_errors_are_one_line() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.bundle import BundleManifest, bundle_sha256, open_bundle
-from edge_agent.errors import DeploymentError
+from edge_agent.errors import DeploymentError, ValidationError
 from edge_agent.profiles import load_profile
 from edge_agent.store import IN_PROGRESS, TRANSITIONS, BundleStore, DeployState, Event, next_state
 from edge_agent.tensors import TensorSpec
@@ -179,3 +179,28 @@ def test_kill_9_during_install_then_recovery_leaves_a_complete_slot(
     assert state is (DeployState.ACTIVE if commit else DeployState.ROLLED_BACK)
     assert store.active["bundle_sha256"] == bundle_sha256(expected)
     assert store.slot_complete(store.active["slot"])
+
+
+def test_a_single_model_data_dir_moves_under_its_model_name_and_models_keep_their_own_slots(
+        tmp_path: Path, signing_key: SigningKey) -> None:
+    from edge_agent.store import ModelStores
+
+    bundle = script_bundle(tmp_path / "v1.edb", signing_key, 1)
+    legacy = BundleStore(tmp_path / "data")  # the layout before several models per device
+    slot = install(legacy, bundle, order_for(bundle, "d-1", 1))
+    stores = ModelStores(tmp_path / "data")
+    scorer = stores.get("scorer")
+    assert [name for name, _ in stores.items()] == ["scorer"] and scorer.state == DeployState.ACTIVE
+    assert scorer.active["slot"] == slot and scorer.slot_complete(slot)
+    assert not (tmp_path / "data" / "store.json").exists() and not (tmp_path / "data" / "slots").exists()
+
+    detector = stores.get("detector")
+    assert detector.state == DeployState.IDLE and detector.inactive_slot() == "a"
+    install(detector, script_bundle(tmp_path / "d1.edb", signing_key, 1, name="detector"),
+            dict(order_for(bundle, "d-2", 1), model={"name": "detector", "version": 1}))
+    again = ModelStores(tmp_path / "data")  # after a restart, both are there, each with its own slots
+    assert {name: s.active["model"]["name"] for name, s in again.items()} == {"detector": "detector",
+                                                                            "scorer": "scorer"}
+    assert again.latest() == "detector" and again.get("scorer").slot_complete(slot)
+    with pytest.raises(ValidationError, match="invalid model name"):
+        again.get("../escape")

@@ -66,9 +66,11 @@ def _devices(args: argparse.Namespace) -> int:
         rows = ctl.devices()
     if args.json:
         print_json([{k: r[k] for k in ("device_id", "online", "model", "model_version", "bundle_sha256",
-                                       "state", "last_seen", "groups", "tags")} for r in rows])
+                                       "state", "last_seen", "groups", "tags", "models", "refused")} for r in rows])
     else:
-        print_table(rows, ["device_id", "online", "state", "model", "model_version", "bundle_sha256"])
+        table = [dict(r, models=", ".join(f"{m['name']}:{m['version']} {m['state']}" for m in r["models"]))
+                 for r in rows]
+        print_table(table, ["device_id", "online", "state", "model", "model_version", "bundle_sha256", "models"])
     return 0
 
 

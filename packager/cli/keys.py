@@ -50,7 +50,7 @@ def _list(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     key_id = keys.export_public_key(args.output, args.name)
-    print(f"wrote public key {key_id} to {args.output}")
+    print(f"wrote public key {key_id} and the controller's order key to {args.output}")
     return 0
 
 

@@ -24,12 +24,24 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from edge_agent.bundle import BundleManifest
-from edge_agent.fleet_messages import encode_message, parse_message, topic
+from edge_agent.fleet_messages import (
+    BundleRef,
+    DeployState,
+    DeviceReport,
+    ModelOrder,
+    ModelReport,
+    OrderAction,
+    encode_message,
+    parse_message,
+    topic,
+)
+from edge_agent.orders import verify_order
 from edge_agent.profiles import load_profile
 from edge_agent.tensors import TensorSpec
+from edge_agent.trust import TrustStore
 from packager.bundle import write_bundle
 from packager.fleet import FleetController
-from packager.keys import SigningKey
+from packager.keys import SigningKey, load_order_key
 
 pytestmark = pytest.mark.e2e
 
@@ -37,10 +49,10 @@ ENTRY_OK = b"def init():\n    pass\n\ndef run(data):\n    return {'version': %d}
 ENTRY_BAD = b"def init():\n    raise RuntimeError('this model cannot start')\n\ndef run(data):\n    return {}\n"
 
 
-def script_bundle(out: Path, key: SigningKey, version: int, script: bytes = ENTRY_OK) -> Path:
+def script_bundle(out: Path, key: SigningKey, version: int, script: bytes = ENTRY_OK, name: str = "scorer") -> Path:
     """A small signed entry-script bundle; ENTRY_BAD's init() raises, so its health check fails."""
     manifest = BundleManifest(
-        model={"name": "scorer", "version": version},
+        model={"name": name, "version": version},
         profile=load_profile("cpu-x86_64").to_dict(),
         runtime={"backend": "entry-script", "model_path": "model/params.json", "precision": "fp32",
                  "execution_providers": ["CPUExecutionProvider"], "optimization_level": "basic"},
@@ -64,14 +76,16 @@ def edgedeploy(*args: str, check: bool = True) -> subprocess.CompletedProcess[st
 
 
 class ScriptedDevice:
-    """A device at the MQTT protocol level: downloads what it is told, checks the sha256, reports.
+    """A device at the MQTT protocol level: checks the order's signature, downloads what it is told,
+    checks the sha256, reports per model.
 
     ``broken`` marks bundle sha256s this device fails to start (as a failed health check would).
     """
 
     def __init__(self, broker_port: int, device_id: str, groups: list[str], broken: set[str]) -> None:
         self.device_id, self.groups, self.broken = device_id, groups, broken
-        self.active: dict[str, Any] | None = None
+        self.models: dict[str, ModelReport] = {}
+        self.controller = TrustStore([load_order_key().public_key])
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device_id)
         self.client.will_set(topic(device_id, "status"), encode_message("status", {"online": False}), 1, True)
         self.client.on_connect = self._on_connect
@@ -83,34 +97,39 @@ class ScriptedDevice:
     def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         client.publish(topic(self.device_id, "status"), encode_message("status", {"online": True}), 1, True)
         client.subscribe(topic(self.device_id, "desired"), 1)
-        self.report("idle" if self.active is None else "active", None)
+        self.report()
 
-    def report(self, state: str, deployment_id: str | None, error: str | None = None) -> None:
-        body = {"device_id": self.device_id, "state": state, "deployment_id": deployment_id, "active": self.active,
-                "error": error, "groups": self.groups, "tags": {}, "ts": time.time()}
+    def report(self, model: ModelReport | None = None) -> None:
+        if model is not None:
+            self.models[model.name] = model
+        body = DeviceReport(self.device_id, dict(self.models), time.time(), {"groups": self.groups, "tags": {}},
+                            primary=model.name if model else next(iter(self.models), None)).to_body()
         self.client.publish(topic(self.device_id, "reported"), encode_message("reported", body), 1, True)
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
-        desired = parse_message("desired", message.payload)
+        desired = verify_order(parse_message("desired", message.payload), self.controller)
+        assert desired.device_id == self.device_id
         # Work off the network thread, as a real agent does.
-        threading.Thread(target=self._apply, args=(desired,), daemon=True).start()
+        for order in desired.models.values():
+            threading.Thread(target=self._apply, args=(order,), daemon=True).start()
 
-    def _apply(self, desired: dict[str, Any]) -> None:
-        if desired.get("action") == "remove":
-            self.active = None
-            self.report("idle", desired["deployment_id"])
+    def _apply(self, order: ModelOrder) -> None:
+        current = self.models.get(order.name)
+        active = current.active if current else None
+        if order.action == OrderAction.REMOVE:
+            self.report(ModelReport(order.name, DeployState.IDLE, order.deployment_id))
             return
-        if self.active and self.active["bundle_sha256"] == desired["bundle_sha256"]:
-            self.report("active", desired["deployment_id"])
+        if active and active.bundle_sha256 == order.bundle_sha256:
+            self.report(ModelReport(order.name, DeployState.ACTIVE, order.deployment_id, active=active))
             return
-        with urllib.request.urlopen(desired["bundle_url"], timeout=10) as response:
+        with urllib.request.urlopen(order.bundle_url, timeout=10) as response:
             data = response.read()
-        if hashlib.sha256(data).hexdigest() != desired["bundle_sha256"] or desired["bundle_sha256"] in self.broken:
-            self.report("failed", desired["deployment_id"], "health check failed")
+        if hashlib.sha256(data).hexdigest() != order.bundle_sha256 or order.bundle_sha256 in self.broken:
+            self.report(ModelReport(order.name, DeployState.FAILED, order.deployment_id, active=active,
+                                    error="health check failed"))
             return
-        self.active = {"bundle_sha256": desired["bundle_sha256"], "bundle_url": desired["bundle_url"],
-                       "model": desired["model"]}
-        self.report("active", desired["deployment_id"])
+        ref = BundleRef(order.name, order.version, order.bundle_sha256, order.bundle_url, order.deployment_id)
+        self.report(ModelReport(order.name, DeployState.ACTIVE, order.deployment_id, active=ref))
 
     def close(self) -> None:
         self.client.disconnect()
@@ -226,9 +245,10 @@ def wait_fleet(ctl: FleetController, ids: list[str], check: Any, timeout: float 
         link.wait_change(0.5)
 
 
-def score(row: dict[str, Any]) -> Any:
-    """POST /score on a device's REST port."""
-    request = urllib.request.Request(f"http://127.0.0.1:{row['http_port']}/score", data=b'{"data": [[1.0, 2.0]]}',
+def score(row: dict[str, Any], model: str | None = None) -> Any:
+    """POST /score (or /v2/models/MODEL/score) on a device's REST port."""
+    path = f"/v2/models/{model}/score" if model else "/score"
+    request = urllib.request.Request(f"http://127.0.0.1:{row['http_port']}{path}", data=b'{"data": [[1.0, 2.0]]}',
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())
@@ -297,3 +317,75 @@ def test_broker_restart_and_an_agent_killed_mid_install(
         rows = wait_fleet(ctl, ids, lambda r: r["state"] in ("active", "rolled-back", "failed")
                           and r["model_version"] == expected)
         assert all(score(r) == {"version": expected} for r in rows)
+
+
+def served(row: dict[str, Any]) -> dict[str, tuple[Any, str]]:
+    """model name -> (version, state) of a ``fleet devices`` row."""
+    return {m["name"]: (m["version"], m["state"]) for m in row["models"]}
+
+
+class Prober(threading.Thread):
+    """Scores one model on some devices without pause; counts answers that are not the expected one."""
+
+    def __init__(self, rows: list[dict[str, Any]], model: str, expected: Any) -> None:
+        super().__init__(daemon=True)
+        self.rows, self.model, self.expected = rows, model, expected
+        self.done, self.answers, self.wrong = threading.Event(), 0, []
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            for row in self.rows:
+                try:
+                    answer = score(row, self.model)
+                except OSError as exc:  # urllib's HTTPError and URLError are OSErrors
+                    answer = repr(exc)
+                self.answers += 1
+                if answer != self.expected:
+                    self.wrong.append(answer)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(30)
+
+
+@needs_agent
+def test_two_models_on_the_same_agents_roll_out_and_back_independently(
+        mqtt_broker: Any, bundle_server: Any, agents: Any, signing_key: SigningKey, tmp_path: Path) -> None:
+    fleet = agents(3)
+    ids = [a.device_id for a in fleet]
+    scorer = script_bundle(tmp_path / "scorer-1.edb", signing_key, 1)
+    detector = {v: script_bundle(tmp_path / f"detector-{v}.edb", signing_key, v, name="detector") for v in (11, 12)}
+    recognizer = script_bundle(tmp_path / "recognizer-1.edb", signing_key, 21, name="recognizer")
+    with FleetController(mqtt_broker.url) as ctl:
+        wait_fleet(ctl, ids, lambda r: r["online"], timeout=120)
+        for bundle in (scorer, detector[11]):
+            rollout_id = ctl.rollout(bundle, "all", bundle_server.url, canary=0, wave="100%", wait=True,
+                                     wave_timeout=120)
+            assert ctl.status(rollout_id)["state"] == "succeeded"
+        rows = wait_fleet(ctl, ids, lambda r: served(r) == {"scorer": (1, "active"), "detector": (11, "active")})
+        assert all(score(r, "scorer") == {"version": 1} and score(r, "detector") == {"version": 11} for r in rows)
+
+        probe = Prober(rows, "scorer", {"version": 1})  # the scorer must answer v1 through all that follows
+        probe.start()
+        try:
+            upgrade = ctl.rollout(detector[12], "all", bundle_server.url, canary=0, wave="100%", wave_timeout=120)
+            wait_fleet(ctl, ids, lambda r: served(r)["detector"] == (12, "active"))
+            edgedeploy("fleet", "--broker", mqtt_broker.url, "abort", upgrade)  # detector back to 11, per model
+            rows = wait_fleet(ctl, ids, lambda r: served(r) == {"scorer": (1, "active"), "detector": (11, "active")})
+            assert all(score(r, "detector") == {"version": 11} for r in rows)
+
+            # A model new to one device, aborted: it is removed there and nothing else moves.
+            extra = ctl.rollout(recognizer, f"device:{ids[0]}", bundle_server.url, canary=0, wave_timeout=120)
+            wait_fleet(ctl, ids[:1], lambda r: served(r).get("recognizer") == (21, "active"))
+            ctl.abort(extra)
+            wait_fleet(ctl, ids[:1], lambda r: served(r).get("recognizer") == (None, "idle"))
+        finally:
+            probe.stop()
+        assert probe.answers > 20 and probe.wrong == [], probe.wrong[:3]
+        rows = wait_fleet(ctl, ids, lambda r: served(r)["detector"] == (11, "active"))
+        assert all(score(r, "scorer") == {"version": 1} for r in rows)
+    listed = json.loads(edgedeploy("fleet", "--broker", mqtt_broker.url, "devices", "--json").stdout)
+    mine = {row["device_id"]: row for row in listed}
+    assert {m["name"] for m in mine[ids[1]]["models"]} == {"scorer", "detector"}
+    assert {"name", "version", "bundle_sha256", "state"} <= set(mine[ids[1]]["models"][0])
+    assert mine[ids[1]]["model"] in ("scorer", "detector") and mine[ids[1]]["state"] == "active"

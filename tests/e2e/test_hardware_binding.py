@@ -44,12 +44,13 @@ def test_agent_refuses_a_bundle_for_a_board_it_lacks(mqtt_broker: Any, bundle_se
         wait_fleet(ctl, [device.device_id], lambda r: r["online"], timeout=120)
         first = ctl.rollout(v1, "all", bundle_server.url, canary=0, wave="100%", wait=True, wave_timeout=120)
         assert ctl.status(first)["state"] == "succeeded"
-        slots_before = sorted(p.name for p in (device.data_dir / "slots").iterdir())
+        slots = device.data_dir / "models" / "scorer" / "slots"  # the model's own A/B slots
+        slots_before = sorted(p.name for p in slots.iterdir())
         second = ctl.rollout(bound, "all", bundle_server.url, canary=0, wave="100%", wait=True, wave_timeout=120)
         status = ctl.status(second)
         assert status["state"] == "rolled-back", status
         row = wait_fleet(ctl, [device.device_id], lambda r: r["state"] in ("failed", "active"))[0]
     assert row["model_version"] == 1 and score(row) == {"version": 1}
     assert "refused: the bundle is built for xilinx kria-kv260" in str(status), status
-    for slot in (device.data_dir / "slots").iterdir():  # nothing of the refused bundle was unpacked
+    for slot in slots.iterdir():  # nothing of the refused bundle was unpacked
         assert slot.name in slots_before or not any(slot.iterdir())
