@@ -170,6 +170,14 @@ def order(bundle: Path, folder: Path, base: str, version: int, deployment_id: st
     return signed(order_body(bundle, folder, base, version, deployment_id, name))
 
 
+def _stop(agent: subprocess.Popen, observer: Observer) -> None:
+    """Kill the agent a test started (if it still runs) and close the test's broker client."""
+    if agent.poll() is None:
+        agent.kill()
+        agent.wait(10)
+    observer.close()
+
+
 def score(port: int) -> Any:
     request = urllib.request.Request(f"http://127.0.0.1:{port}/score", data=b'{"data": [[1.0, 2.0]]}',
                                      headers={"Content-Type": "application/json"})
@@ -251,10 +259,7 @@ def test_agent_online_garbage_install_failed_health_lwt_and_restart(
         assert agent.wait(30) == 0
         observer.wait("status", lambda m: m["online"] is False)
     finally:
-        if agent.poll() is None:
-            agent.kill()
-            agent.wait(10)
-        observer.close()
+        _stop(agent, observer)
 
 
 def test_smoke_outputs_compare_structure_and_numbers_with_tolerance() -> None:
@@ -441,10 +446,7 @@ def test_a_deeply_nested_desired_message_is_dropped_acknowledged_and_the_next_or
         assert score(report["http_port"]) == {"version": 1}
         assert log.read_text().count("nests deeper than") == 1  # acknowledged: not redelivered
     finally:
-        if agent.poll() is None:
-            agent.kill()
-            agent.wait(10)
-        observer.close()
+        _stop(agent, observer)
 
 
 def test_an_order_too_large_to_report_in_full_is_reported_shortened_and_the_next_order_installs(
@@ -474,10 +476,7 @@ def test_an_order_too_large_to_report_in_full_is_reported_shortened_and_the_next
         report = observer.wait("reported", lambda m: m["deployment_id"] == "after-huge" and m["state"] == "active")
         assert score(report["http_port"]) == {"version": 1}
     finally:
-        if agent.poll() is None:
-            agent.kill()
-            agent.wait(10)
-        observer.close()
+        _stop(agent, observer)
 
 
 def test_the_worker_outlives_an_order_that_raises_outside_its_deployment_steps(
@@ -548,10 +547,7 @@ def test_a_newer_order_preempts_a_download_from_a_stuck_server(
         assert not list((tmp_path / "data").rglob("*.part"))  # the abandoned order's bytes were reclaimed
     finally:
         stack.close()
-        if agent.poll() is None:
-            agent.kill()
-            agent.wait(10)
-        observer.close()
+        _stop(agent, observer)
 
 
 def test_download_deadline_from_agent_yaml_ends_a_stuck_download_in_failed(
@@ -573,10 +569,7 @@ def test_download_deadline_from_agent_yaml_ends_a_stuck_download_in_failed(
         assert "took over 1.5s" in report["error"] and "resumes" in report["error"]
         assert 0 < (tmp_path / "data" / "downloads" / f"{sha}.part").stat().st_size < len(blob)
     finally:
-        if agent.poll() is None:
-            agent.kill()
-            agent.wait(10)
-        observer.close()
+        _stop(agent, observer)
 
 
 def test_unsigned_replayed_expired_misaddressed_and_forged_orders_are_refused_and_the_model_keeps_serving(
@@ -641,7 +634,4 @@ def test_unsigned_replayed_expired_misaddressed_and_forged_orders_are_refused_an
         observer.wait("events", lambda m: m["to"] == "refused" and m["ts"] >= restarted and "replayed" in m["reason"])
         assert [e["to"] for e in observer.events[before:]] == ["refused"]  # the redelivery did nothing
     finally:
-        if agent.poll() is None:
-            agent.kill()
-            agent.wait(10)
-        observer.close()
+        _stop(agent, observer)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
@@ -14,7 +13,9 @@ from edge_agent.errors import EdgeDeployError, UsageError
 from edge_agent.fleet_messages import encode_message, topic
 from packager.fleet import FleetController
 from packager.targets.base import free_port
-from tests.test_agent_mqtt import MOSQUITTO, start_mosquitto
+from tests import test_agent_mqtt
+
+broker = test_agent_mqtt.broker  # the private Mosquitto fixture (its port), shared with the agent tests
 
 
 def publish_retained(port: int, messages: list[tuple[str, bytes]]) -> None:
@@ -34,27 +35,14 @@ def reported(device_id: str) -> bytes:
     return encode_message("reported", {"device_id": device_id, "state": "idle", "ts": time.time()})
 
 
-@pytest.fixture
-def mosquitto_port(tmp_path: Path):  # type: ignore[no-untyped-def]
-    if not Path(MOSQUITTO).exists():
-        pytest.skip("mosquitto is not installed")
-    port = free_port()
-    proc = start_mosquitto(tmp_path, port)
-    try:
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def test_a_deeply_nested_report_is_dropped_and_the_controller_keeps_listening(mosquitto_port: int) -> None:
+def test_a_deeply_nested_report_is_dropped_and_the_controller_keeps_listening(broker: int) -> None:
     """100,000 nested brackets once raised RecursionError in paho's thread: every later report was lost."""
     deep = b"[" * 100_000 + b"]" * 100_000
-    publish_retained(mosquitto_port, [(topic("evil-1", "reported"), deep), (topic("evil-2", "status"), b"\xff{"),
+    publish_retained(broker, [(topic("evil-1", "reported"), deep), (topic("evil-2", "status"), b"\xff{"),
                                       (topic("good-1", "reported"), reported("good-1"))])
-    with FleetController(f"mqtt://127.0.0.1:{mosquitto_port}") as controller:
+    with FleetController(f"mqtt://127.0.0.1:{broker}") as controller:
         assert [d["device_id"] for d in controller.devices()] == ["good-1"]
-        publish_retained(mosquitto_port, [(topic("good-2", "reported"), reported("good-2"))])  # after the bad ones
+        publish_retained(broker, [(topic("good-2", "reported"), reported("good-2"))])  # after the bad ones
         deadline = time.monotonic() + 10
         while len(controller.devices()) < 2:
             assert time.monotonic() < deadline, "the controller stopped taking messages"
@@ -63,9 +51,9 @@ def test_a_deeply_nested_report_is_dropped_and_the_controller_keeps_listening(mo
 
 
 @pytest.mark.parametrize("version", ["auto", "5", "3.1.1"])
-def test_every_mqtt_version_connects_to_mosquitto(mosquitto_port: int, version: str) -> None:
-    publish_retained(mosquitto_port, [(topic("dev-1", "reported"), reported("dev-1"))])
-    with FleetController(f"mqtt://127.0.0.1:{mosquitto_port}", mqtt_version=version) as controller:
+def test_every_mqtt_version_connects_to_mosquitto(broker: int, version: str) -> None:
+    publish_retained(broker, [(topic("dev-1", "reported"), reported("dev-1"))])
+    with FleetController(f"mqtt://127.0.0.1:{broker}", mqtt_version=version) as controller:
         assert json.loads(json.dumps(controller.devices()))[0]["device_id"] == "dev-1"
 
 
