@@ -285,7 +285,7 @@ class EdgeAgent:
             await self._deploy(store, order)
         except (EdgeDeployError, OSError, ValueError) as exc:
             await self._fail(store, brief(exc))
-        except Exception as exc:  # noqa: BLE001 - a bug in a step must still end in a reported state
+        except Exception as exc:  # a bug in a step must still end in a reported state
             log.exception("deployment %s failed unexpectedly", brief(order.deployment_id, 200))
             await self._fail(store, f"internal error: {brief(exc)}")
 
@@ -397,7 +397,7 @@ class EdgeAgent:
                 self._superseded.clear()
                 try:
                     await self.handle(order)
-                except Exception:  # noqa: BLE001 - the worker must outlive any one order
+                except Exception:  # the worker must outlive any one order
                     log.exception("order %s could not be handled", brief(order.deployment_id, 200))
                 finally:
                     self._current = None

@@ -118,7 +118,7 @@ def _fetch(url: str, part: Path, limits: DownloadLimits, pace: _Pace) -> None:
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
-        response = urllib.request.urlopen(request, timeout=pace.read_timeout())  # noqa: S310 - scheme checked
+        response = urllib.request.urlopen(request, timeout=pace.read_timeout())
     except urllib.error.HTTPError as exc:
         exc.close()
         if exc.code == 416 and have:  # we already hold every byte

@@ -172,7 +172,7 @@ class AgentLink:
         if self.on_connected is not None:
             try:
                 self.on_connected()
-            except Exception:  # noqa: BLE001 - a callback bug must not kill paho's thread
+            except Exception:  # a callback bug must not kill paho's thread
                 log.exception("on_connected failed")
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any,
@@ -188,7 +188,7 @@ class AgentLink:
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         try:
             self._take_message(message)
-        except Exception:  # noqa: BLE001 - whatever a message does, the loop lives on and acknowledges it
+        except Exception:  # whatever a message does, the loop lives on and acknowledges it
             log.exception("a message on %s could not be handled; dropped", brief(message.topic, 200))
 
     def _take_message(self, message: paho.MQTTMessage) -> None:
@@ -205,7 +205,7 @@ class AgentLink:
             return
         try:
             self.on_desired(desired)
-        except Exception:  # noqa: BLE001 - never let a handler bug stop the agent
+        except Exception:  # never let a handler bug stop the agent
             log.exception("handling the desired state failed")
 
     # --- publishing ----------------------------------------------------------------------------

@@ -414,7 +414,7 @@ class _Link:
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
         try:
             self._take(message)
-        except Exception:  # noqa: BLE001 - whatever a device sends, the network loop lives on
+        except Exception:  # whatever a device sends, the network loop lives on
             log.exception("dropped a message on %s", brief(message.topic, 200))
 
     def _take(self, message: Any) -> None:

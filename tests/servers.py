@@ -122,10 +122,10 @@ class _DripHandler(BaseHTTPRequestHandler):
 
     server: _DripServer
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - silence the test server
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         self.send_response(200)
         self.send_header("Content-Length", str(len(self.server.body)))
         self.end_headers()

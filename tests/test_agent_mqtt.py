@@ -94,7 +94,7 @@ def bundle_http(tmp_path: Path) -> Iterator[tuple[Path, str]]:
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 

@@ -33,10 +33,10 @@ class RangeServer(ThreadingHTTPServer):
 class Handler(BaseHTTPRequestHandler):
     server: RangeServer
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - silence the test server
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         header = self.headers.get("Range")
         self.server.ranges.append(header)
         start = int(header.split("=")[1].rstrip("-")) if header else 0

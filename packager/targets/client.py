@@ -43,7 +43,7 @@ def http_request(
     """One HTTP request; returns (status, body). Raises DeploymentError when nothing answers."""
     request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - http only
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as exc:
         with contextlib.closing(exc):
