@@ -12,6 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from edge_agent.dataplane import DataPlane
 from edge_agent.repository import ModelRepository
 from edge_agent.server import ServingApp, ServingConfig
@@ -160,3 +162,14 @@ def dripping_server(body: bytes, gap: float = 0.1) -> Iterator[str]:
         httpd.shutdown()
         httpd.server_close()
         thread.join()
+
+
+def unreachable_kubeconfig(path: Path, port: int) -> Path:
+    """A kubeconfig whose API server is ``127.0.0.1:port``, where nothing answers."""
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "here",
+        "clusters": [{"name": "here", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+        "users": [{"name": "me", "user": {"token": "t"}}],
+        "contexts": [{"name": "here", "context": {"cluster": "here", "user": "me"}}],
+    }))
+    return path

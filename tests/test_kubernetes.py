@@ -16,6 +16,7 @@ from packager import services
 from packager.targets.base import free_port
 from packager.targets.kubernetes import KubernetesOptions, render_keys_secret, render_manifests, write_manifests
 from packager.targets.store import ServiceStore
+from tests.servers import unreachable_kubeconfig
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
@@ -151,13 +152,7 @@ def test_the_rotated_keys_secret_is_the_one_the_pods_mount(version: str) -> None
 def _cluster_service(name: str, tmp_path: Path, auth: bool) -> tuple[dict[str, str], int]:
     """A kubernetes service's record and keys as ``deploy`` leaves them, its API server not answering."""
     closed = free_port()
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "here",
-        "clusters": [{"name": "here", "cluster": {"server": f"http://127.0.0.1:{closed}"}}],
-        "users": [{"name": "me", "user": {"token": "t"}}],
-        "contexts": [{"name": "here", "context": {"cluster": "here", "user": "me"}}],
-    }))
+    kubeconfig = unreachable_kubeconfig(tmp_path / "kubeconfig", closed)
     store = ServiceStore()
     store.claim(name)
     keys = {"primary_key": "old-primary", "secondary_key": "old-secondary"}

@@ -24,7 +24,6 @@ import onnx
 import onnxruntime as ort
 import psutil
 import pytest
-import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_agent.bundle import BundleManifest
@@ -42,6 +41,7 @@ from packager.bundle import write_bundle
 from packager.examples import digits_data
 from packager.keys import SigningKey, generate_key
 from packager.targets.base import free_port
+from tests.servers import unreachable_kubeconfig
 
 SAMPLE = digits_data().x_test[:3]
 
@@ -345,13 +345,7 @@ def test_kubernetes_without_a_cluster_is_a_clear_error(home: Path, bundles: dict
     with pytest.raises(UsageError, match="no kubeconfig found"):
         services.deploy("elsewhere", bundles["v1"], target="kubernetes", image="registry.example/edge:1")
     closed = free_port()
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "here",
-        "clusters": [{"name": "here", "cluster": {"server": f"http://127.0.0.1:{closed}"}}],
-        "users": [{"name": "me", "user": {"token": "t"}}],
-        "contexts": [{"name": "here", "context": {"cluster": "here", "user": "me"}}],
-    }))
+    kubeconfig = unreachable_kubeconfig(tmp_path / "kubeconfig", closed)
     with pytest.raises(DeploymentError, match=f"cannot reach the Kubernetes API at http://127.0.0.1:{closed}"):
         services.deploy("elsewhere", bundles["v1"], target="kubernetes", kubeconfig=kubeconfig,
                         image="registry.example/edge:1")

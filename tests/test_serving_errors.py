@@ -17,23 +17,15 @@ import pytest
 import requests
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from packager.examples import DigitsData
 from packager.keys import SigningKey, generate_key
-from tests.servers import RunningServer, digits_bundle, serving
+from tests import test_grpc
+from tests.servers import RunningServer
 from tests.test_bundle import GOOD, _entry, _forge
 
 HUGE = 4611686018427387905  # times 64 wraps around to 64 in int64 arithmetic
 
 
-@pytest.fixture
-def bundle(digits_mlp: Path, digits: DigitsData, signing_key: SigningKey, tmp_path: Path) -> Path:
-    return digits_bundle(digits_mlp, digits, tmp_path)
-
-
-@pytest.fixture
-def server(bundle: Path, tmp_path: Path) -> Iterator[RunningServer]:
-    with serving(tmp_path / "work", [bundle]) as running:
-        yield running
+bundle, server = test_grpc.bundle, test_grpc.server  # the digits MLP served on loopback, as the gRPC tests use it
 
 
 @pytest.fixture
