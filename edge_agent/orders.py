@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from edge_agent.atomic import atomic_write_json, read_json
+from edge_agent.bundle import canonical_json
 from edge_agent.errors import ValidationError
 from edge_agent.fleet_messages import DesiredState
 from edge_agent.trust import TrustStore
@@ -56,8 +56,7 @@ class Signer(Protocol):
 
 def signing_bytes(message: dict[str, Any]) -> bytes:
     """The bytes an order signature covers: canonical JSON of everything but ``signature``."""
-    unsigned = {k: v for k, v in message.items() if k != "signature"}
-    return json.dumps(unsigned, sort_keys=True, separators=(",", ":")).encode()
+    return canonical_json({k: v for k, v in message.items() if k != "signature"})
 
 
 def sign_order(message: dict[str, Any], signer: Signer) -> dict[str, Any]:
