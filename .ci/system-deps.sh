@@ -5,9 +5,11 @@
 #   rabbitmq-server                   RabbitMQ's MQTT plugin, a second real broker (tests/e2e/test_brokers.py)
 #   yosys nextpnr-ice40 fpga-icestorm the open iCE40 flow (synthesis, place and route, bitstream)
 #   iverilog verilator g++            simulation of our Verilog, the HLS firmware's C simulation
+#   chromium chromium-driver          the controller console's browser tests (headless, driven by Selenium)
 set -euo pipefail
 declare -A wanted=([mosquitto]=mosquitto [rabbitmq-server]=rabbitmq-server [yosys]=yosys [nextpnr-ice40]=nextpnr-ice40 [icepack]=fpga-icestorm
-                   [iverilog]=iverilog [verilator]=verilator [g++]=g++)
+                   [iverilog]=iverilog [verilator]=verilator [g++]=g++
+                   [chromium]=chromium [chromedriver]=chromium-driver)
 missing=()
 for tool in "${!wanted[@]}"; do
   if ! command -v "$tool" >/dev/null 2>&1 && ! [ -x "/usr/sbin/$tool" ]; then
