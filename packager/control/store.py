@@ -47,7 +47,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from edge_agent.errors import EdgeDeployError, UsageError
+from edge_agent.errors import EdgeDeployError, UnavailableError, UsageError
 from packager.control.databases import Backend, Pool, Table, backend_for, dump_json, one_line, redact_url, to_text
 from packager.control.migrations import BOOKKEEPING, migrations, render
 
@@ -58,7 +58,7 @@ logger = logging.getLogger(__name__)
 _HEARTBEAT_S = 5.0  # how often still_leading() writes the leader's heartbeat
 
 
-class StoreUnavailableError(EdgeDeployError):
+class StoreUnavailableError(UnavailableError):
     """The store cannot be reached now (server down, locked, disk full); the same call may work later."""
 
 
