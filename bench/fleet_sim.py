@@ -100,7 +100,7 @@ class FleetSimulator:
         self._wake_w.setblocking(False)
         self._since_check = 0
         self._stopping = False
-        self._telemetry_start = 0.0
+        self._telemetry_start, self._telemetry_due, self._telemetry_round = 0.0, 0, 0
         self._engine = threading.Thread(target=self._run, name="fleet-sim", daemon=True)
 
     # --- life cycle ----------------------------------------------------------------------------
@@ -126,10 +126,12 @@ class FleetSimulator:
             self.stop()
             raise EdgeDeployError(f"the broker at {self.host}:{self.port} did not acknowledge the reports of "
                                   f"{len(ids)} devices within {timeout:.0f}s")
-        if self.telemetry_period_s:
-            self._telemetry_start = time.monotonic()
-            self.submit(self._telemetry_tick)
+        self.set_telemetry(self.telemetry_period_s)
         return self
+
+    def set_telemetry(self, period_s: float | None) -> None:
+        """Send telemetry every ``period_s`` per device from now on (None or 0: stop sending it)."""
+        self.call(self._restart_telemetry, period_s or None)
 
     def stop(self) -> None:
         """Publish every device offline (retained), as a clean agent stop does, and disconnect."""
@@ -379,17 +381,26 @@ class FleetSimulator:
         if device is not None and payload:
             self.fleet.take_order(device, payload)
 
-    def _telemetry_tick(self) -> None:
+    def _restart_telemetry(self, period_s: float | None) -> None:
+        self.telemetry_period_s = period_s
+        self._telemetry_round += 1
+        self._telemetry_start, self._telemetry_due = time.monotonic(), 0
+        if period_s:
+            self._telemetry_tick(self._telemetry_round)
+
+    def _telemetry_tick(self, round_: int) -> None:
         """Send the samples due by now: each device once per period, spread evenly over it."""
-        assert self.telemetry_period_s
+        if round_ != self._telemetry_round or not self.telemetry_period_s:
+            return  # the period changed since this tick was scheduled
         devices = list(self.fleet.devices.values())
         due = int(len(devices) * (time.monotonic() - self._telemetry_start) / self.telemetry_period_s)
-        while self.telemetry_sent < due and devices and not self._stopping:
-            device = devices[self.telemetry_sent % len(devices)]
-            self.telemetry_sent += 1
+        while self._telemetry_due < due and devices and not self._stopping:
+            device = devices[self._telemetry_due % len(devices)]
+            self._telemetry_due += 1
             if device.online:
                 self._send(device, "telemetry", self.fleet.sample(device), 0, False)
-        self._later(_TELEMETRY_TICK_S, self._telemetry_tick)
+                self.telemetry_sent += 1
+        self._later(_TELEMETRY_TICK_S, self._telemetry_tick, round_)
 
     def _close_all(self) -> None:
         for client in self._clients:
