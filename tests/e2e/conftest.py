@@ -154,6 +154,21 @@ def trusted_key_file(signing_key, tmp_path: Path) -> Path:  # type: ignore[no-un
     return path
 
 
+def make_agent(folder: Path, device_id: str, broker_url: str, trusted_key_file: Path,
+               groups: list[str] | None = None, tags: dict[str, str] | None = None, profile: str = "cpu-x86_64",
+               **settings: Any) -> Agent:
+    """An agent (not started) whose agent.yaml is written in ``folder``; called again, it rewrites the
+    file (new tags, say) and keeps the data_dir, as a device that is reconfigured does."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "agent.yaml"
+    config.write_text(yaml.safe_dump({
+        "device_id": device_id, "profile": profile, "groups": list(groups or []), **settings,
+        "tags": dict(tags or {}), "broker": broker_url, "data_dir": str(folder / "data"),
+        "trusted_keys": [str(trusted_key_file)], "http_port": 0, "grpc_port": 0,
+    }))
+    return Agent(device_id, config, folder / "data", folder / "agent.log")
+
+
 @pytest.fixture
 def agents(mqtt_broker: Broker, trusted_key_file: Path, tmp_path: Path) -> Iterator[AgentFactory]:
     """``agents(n, groups=..., tags=...)`` starts n real edge agents in parallel; all killed at teardown."""
@@ -164,15 +179,8 @@ def agents(mqtt_broker: Broker, trusted_key_file: Path, tmp_path: Path) -> Itera
         batch = []
         for i in range(n):
             device_id = f"{prefix}-{len(started) + i:03d}"
-            folder = tmp_path / "agents" / device_id
-            folder.mkdir(parents=True)
-            config = folder / "agent.yaml"
-            config.write_text(yaml.safe_dump({
-                "device_id": device_id, "profile": profile, "groups": list(groups or []), **settings,
-                "tags": dict(tags or {}), "broker": mqtt_broker.url, "data_dir": str(folder / "data"),
-                "trusted_keys": [str(trusted_key_file)], "http_port": 0, "grpc_port": 0,
-            }))
-            batch.append(Agent(device_id, config, folder / "data", folder / "agent.log"))
+            batch.append(make_agent(tmp_path / "agents" / device_id, device_id, mqtt_broker.url, trusted_key_file,
+                                    groups, tags, profile, **settings))
         started.extend(batch)
         for agent in batch:
             agent.start()
