@@ -119,7 +119,7 @@ def _start_agents(n: int, broker: Any, work: Path, key: Any) -> list[Any]:
         export_public_key(pub)
     agents = []
     for i in range(n):
-        agent = make_agent(work / f"agents-{n}" / f"dev-{i:04d}", f"dev-{i:04d}", broker.url, pub)
+        agent = make_agent(work / f"agents-{n}", f"dev-{i:04d}", broker.url, pub)
         agent.start()
         agents.append(agent)
     return agents

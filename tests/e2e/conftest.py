@@ -144,22 +144,11 @@ class Agent:
 AgentFactory = Callable[..., list[Agent]]
 
 
-@pytest.fixture
-def trusted_key_file(signing_key, tmp_path: Path) -> Path:  # type: ignore[no-untyped-def]
-    """The test signing key's public key, as devices get it."""
-    from packager.keys import export_public_key
-
-    path = tmp_path / "publisher.pub"
-    export_public_key(path)
-    return path
-
-
-def make_agent(folder: Path, device_id: str, broker_url: str, trusted_key_file: Path,
-               groups: list[str] | None = None, tags: dict[str, str] | None = None, profile: str = "cpu-x86_64",
-               **settings: Any) -> Agent:
-    """An agent (not started) whose agent.yaml is written in ``folder``; called again, it rewrites the
-    file (new tags, say) and keeps the data_dir, as a device that is reconfigured does."""
-    folder.mkdir(parents=True, exist_ok=True)
+def make_agent(root: Path, device_id: str, broker_url: str, trusted_key_file: Path, groups: list[str] | None = None,
+               tags: dict[str, str] | None = None, profile: str = "cpu-x86_64", **settings: Any) -> Agent:
+    """An agent's folder and agent.yaml under ``root/device_id`` (not started), on free ports."""
+    folder = root / device_id
+    folder.mkdir(parents=True)
     config = folder / "agent.yaml"
     config.write_text(yaml.safe_dump({
         "device_id": device_id, "profile": profile, "groups": list(groups or []), **settings,
@@ -170,17 +159,24 @@ def make_agent(folder: Path, device_id: str, broker_url: str, trusted_key_file: 
 
 
 @pytest.fixture
+def trusted_key_file(signing_key, tmp_path: Path) -> Path:  # type: ignore[no-untyped-def]
+    """The test signing key's public key, as devices get it."""
+    from packager.keys import export_public_key
+
+    path = tmp_path / "publisher.pub"
+    export_public_key(path)
+    return path
+
+
+@pytest.fixture
 def agents(mqtt_broker: Broker, trusted_key_file: Path, tmp_path: Path) -> Iterator[AgentFactory]:
     """``agents(n, groups=..., tags=...)`` starts n real edge agents in parallel; all killed at teardown."""
     started: list[Agent] = []
 
     def start(n: int, prefix: str = "dev", groups: list[str] | None = None,
               tags: dict[str, str] | None = None, profile: str = "cpu-x86_64", **settings: Any) -> list[Agent]:
-        batch = []
-        for i in range(n):
-            device_id = f"{prefix}-{len(started) + i:03d}"
-            batch.append(make_agent(tmp_path / "agents" / device_id, device_id, mqtt_broker.url, trusted_key_file,
-                                    groups, tags, profile, **settings))
+        batch = [make_agent(tmp_path / "agents", f"{prefix}-{len(started) + i:03d}", mqtt_broker.url,
+                            trusted_key_file, groups, tags, profile, **settings) for i in range(n)]
         started.extend(batch)
         for agent in batch:
             agent.start()
