@@ -674,8 +674,11 @@ class ControlPlane:
         if target is None or target.get("action") == "remove":
             return ModelOrder(name, deployment_id, action=OrderAction.REMOVE, allow_downgrade=True,
                               rollout_id=rollout.rollout_id)
+        # A deployment states the version its devices run, lower or not (removing a newer deployment
+        # moves them back to the one below); an imperative rollout moves down only when rolling back.
+        downgrade = rollback or rollout.doc.get("deployment") is not None
         return ModelOrder(name, deployment_id, target["bundle_url"], target["bundle_sha256"],
-                          target["model"].get("version"), allow_downgrade=rollback,
+                          target["model"].get("version"), allow_downgrade=downgrade,
                           rollout_id=rollout.rollout_id)
 
     def _begin_rollback(self, rollout: Rollout, reason: str, figures: dict[str, Any]) -> None:

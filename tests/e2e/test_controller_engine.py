@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from bench.fleet_sim import FleetSimulator, VersionBehaviour
+from bench.fleet_sim import FleetSimulator
+from bench.sim_devices import VersionBehaviour
 
 from edge_agent.errors import NotFoundError, UsageError
 from packager.control.engine import ControlPlane
@@ -58,7 +59,7 @@ def plane_factory(mqtt_broker: Broker, tmp_path: Path, edgedeploy_home: Path) ->
 def simulator(broker: Broker, count: int, **kwargs: Any) -> FleetSimulator:
     kwargs.setdefault("time_to_active", 0.05)
     kwargs.setdefault("telemetry_period_s", None)
-    return FleetSimulator("127.0.0.1", broker.port, count, **kwargs).start(timeout=60)
+    return FleetSimulator("127.0.0.1", broker.port, count, **kwargs)  # `with` starts and stops it
 
 
 def wait_devices(plane: ControlPlane, count: int) -> None:
@@ -76,8 +77,8 @@ def test_a_deployment_converges_matching_devices_and_late_joiners(plane_factory,
         assert {d for d in sim.device_ids if SHA[1] in _active(sim, d)} == milan
         late = sim.add_devices(1, tags={"site": "milan"})[0]
         wait(lambda: SHA[1] in _active(sim, late), what="the device that joined later converges")
-        row = next(d for d in plane.deployments() if d["name"] == "digits-milan")
-        assert (row["targeted"], row["applied"], row["failed"]) == (len(milan) + 1, len(milan) + 1, 0)
+        counts = (len(milan) + 1, len(milan) + 1, 0)
+        wait(lambda: _counts(plane, "digits-milan") == counts, what=f"fleet deployments says {counts}")
         # a device whose tags change joins; a second, higher-priority deployment takes rome
         rome = sorted(set(sim.device_ids) - milan - {late})
         sim.set_attributes(rome[:1], tags={"site": "milan"})
@@ -90,6 +91,11 @@ def test_a_deployment_converges_matching_devices_and_late_joiners(plane_factory,
         wait(lambda: all(not _active(sim, d) for d in rome[1:]), what="devices that match nothing lose the model")
         events = [e["message"] for e in plane.events(limit=500)]
         assert any("deployment digits-all removed" in m for m in events)
+
+
+def _counts(plane: ControlPlane, name: str) -> tuple[int, int, int]:
+    row = next(d for d in plane.deployments() if d["name"] == name)
+    return row["targeted"], row["applied"], row["failed"]
 
 
 def _active(sim: FleetSimulator, device_id: str) -> set[str]:
@@ -120,9 +126,11 @@ def test_failures_over_the_threshold_halt_and_roll_back(plane_factory, mqtt_brok
         wait(lambda: plane.rollout_status(second)["state"] == "rolled-back", what="the rollout rolls back")
         status = plane.rollout_status(second)
         assert status["waves"][0]["size"] == 2 and status["waves"][1]["rolled_back"] == 0
-        assert sim.active_count(SHA[1]) == 20, "every device runs the first bundle again"
+        wait(lambda: sim.active_count(SHA[1]) == 20, what="every device runs the first bundle again")
+        assert sim.order_times(SHA[2]) and len(sim.order_times(SHA[2])) <= 2, "only the canary got the bad bundle"
         rollback = [e for e in plane.events(rollout_id=second) if e["kind"] == "rollback"]
-        assert rollback and rollback[0]["data"]["failed"] == 2 and "2 of 2" in rollback[0]["message"]
+        assert rollback and rollback[0]["data"]["failed"] >= 1
+        assert "finished devices failed" in rollback[0]["message"]
 
 
 @pytest.mark.parametrize(("slow", "expected"), [(True, "rolled-back"), (False, "succeeded")])
@@ -142,8 +150,8 @@ def test_a_telemetry_gate_compares_the_wave_with_its_previous_version(plane_fact
         assert plane.rollout_status(second)["state"] == expected
         gates = [e for e in plane.events(rollout_id=second) if e["kind"] in ("gate", "rollback")]
         assert gates, "the decision is in the event log"
-        assert "p95" in gates[-1]["message"] and gates[-1]["data"]["wave"] == 0
-        assert sim.active_count(SHA[1 if slow else 2]) == 6
+        assert "p95" in gates[0]["message"] and gates[0]["data"]["wave"] == 0  # newest first: the verdict
+        wait(lambda: sim.active_count(SHA[1 if slow else 2]) == 6, what="every device runs the verdict's bundle")
 
 
 def test_a_paced_rollout_never_orders_faster_than_its_rate(plane_factory, mqtt_broker) -> None:
