@@ -150,7 +150,9 @@ def test_a_telemetry_gate_compares_the_wave_with_its_previous_version(plane_fact
         assert plane.rollout_status(second)["state"] == expected
         gates = [e for e in plane.events(rollout_id=second) if e["kind"] in ("gate", "rollback")]
         assert gates, "the decision is in the event log"
-        assert "p95" in gates[0]["message"] and gates[0]["data"]["wave"] == 0  # newest first: the verdict
+        # newest first: the verdict; a slow canary halts at wave 0, a good one passes both waves' gates
+        assert "p95" in gates[0]["message"] and gates[0]["data"]["wave"] == (0 if slow else 1)
+        assert sum("passed its gate" in e["message"] for e in gates) == (0 if slow else 2)
         wait(lambda: sim.active_count(SHA[1 if slow else 2]) == 6, what="every device runs the verdict's bundle")
 
 
