@@ -79,6 +79,9 @@ class ControllerTransport(Protocol):
     def publish_desired(self, device_id: str, message: dict[str, Any]) -> None:
         """Deliver a device's desired state so it gets it now or when it next connects."""
 
+    def publish_desired_many(self, orders: list[tuple[str, dict[str, Any]]], timeout: float = 30.0) -> None:
+        """Deliver many desired states at once (a wave); returns when the transport took every one."""
+
     def close(self) -> None:
         """Disconnect."""
 

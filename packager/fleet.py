@@ -403,6 +403,7 @@ class _Link:
         client.on_message = self._on_message
         client.suppress_exceptions = True  # belt and braces: our callbacks contain and log their own errors
         client.reconnect_delay_set(1, 2)
+        client.max_inflight_messages_set(1000)  # a wave of thousands of orders is not sent 20 at a time
         try:
             port = url.port or (8883 if url.scheme == "mqtts" else 1883)
             client.connect(url.hostname or "127.0.0.1", port, keepalive=30)
@@ -478,16 +479,22 @@ class _Link:
 
     def publish_desired(self, device_id: str, message: dict[str, Any]) -> None:
         """Publish a retained QoS 1 desired state (a signed order) and wait for the broker to take it."""
-        info = self._client.publish(topic(device_id, "desired", self.prefix), encode_message("desired", message),
-                                    qos=1, retain=True)
-        deadline = time.monotonic() + 30
-        while not info.is_published() and time.monotonic() < deadline:
-            try:
-                info.wait_for_publish(1.0)
-            except (RuntimeError, ValueError):
-                time.sleep(0.2)  # not connected right now: paho resends once it reconnects
-        if not info.is_published():
-            raise EdgeDeployError(f"the broker did not acknowledge the order for {device_id}; is it running?")
+        self.publish_desired_many([(device_id, message)])
+
+    def publish_desired_many(self, orders: list[tuple[str, dict[str, Any]]], timeout: float = 30.0) -> None:
+        """Publish many retained QoS 1 orders at once, then wait until the broker acknowledged all of them."""
+        infos = [(device_id, self._client.publish(topic(device_id, "desired", self.prefix),
+                                                  encode_message("desired", message), qos=1, retain=True))
+                 for device_id, message in orders]
+        deadline = time.monotonic() + timeout
+        for device_id, info in infos:
+            while not info.is_published() and time.monotonic() < deadline:
+                try:
+                    info.wait_for_publish(max(0.01, min(1.0, deadline - time.monotonic())))
+                except (RuntimeError, ValueError):
+                    time.sleep(0.2)  # not connected right now: paho resends once it reconnects
+            if not info.is_published():
+                raise EdgeDeployError(f"the broker did not acknowledge the order for {device_id}; is it running?")
 
     def close(self) -> None:
         """Disconnect."""

@@ -302,8 +302,8 @@ class ControlPlane:
                 log.exception("controller tick failed")
                 busy = False
                 self._stop.wait(1.0)
-            if not busy and self.link is not None:
-                self.link.wait_change(self.tick_s)
+            if not busy:  # a steady beat, not one tick per message: a tick scans the open rollouts
+                self._stop.wait(self.tick_s)
 
     def _take_lead(self) -> None:
         """Load deployments, rollouts and devices from the store; resend orders that may be lost."""
@@ -355,8 +355,8 @@ class ControlPlane:
                     busy |= self._step(rollout, now, sends)
             orders = self._sign(sends)
             self._flush()
-        for device_id, message in orders:
-            self.link.publish_desired(device_id, message)  # outside the lock: the API stays responsive
+        if orders:
+            self.link.publish_desired_many(orders)  # outside the lock: the API stays responsive
         if time.time() - self._last_prune > PRUNE_EVERY_S:
             self._last_prune = time.time()
             removed = self.store.prune(self.retention_s)
