@@ -373,10 +373,10 @@ class OperationRequest:
         if op not in OPERATIONS:
             raise ValidationError(f"unknown operation {brief(str(op), 80)!r}: use {', '.join(OPERATIONS)}")
         model = message.get("model")
-        if op != "logs" or model is not None:
-            model = check_model_name(model) if model is not None else None
-            if model is None:
-                raise ValidationError(f"operation {op!r} needs a 'model'")
+        if model is not None:
+            model = check_model_name(model)
+        elif op != "logs":
+            raise ValidationError(f"operation {op!r} needs a 'model'")
         args = message.get("args", {})
         if not isinstance(args, dict):
             raise ValidationError("request: 'args' must be an object")

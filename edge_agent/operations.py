@@ -224,6 +224,7 @@ class Operations:
         self._ops: dict[str, Callable[[OperationRequest], Awaitable[Any]]] = {
             "logs": self._logs, "config": self._config, "get-config": self._get_config, "restart": self._restart}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._configuring = asyncio.Lock()  # two config requests at once must not merge from the same set
 
     def start(self, message: dict[str, Any]) -> None:
         """Begin answering ``message`` (call on the agent's event loop; requests run side by side)."""
@@ -295,8 +296,9 @@ class Operations:
 
     async def _config(self, request: OperationRequest) -> dict[str, Any]:
         name = self._model(request)
-        params = self.params.merged(name, request.args.get("params"))
-        applied = await self.host.configure_model(name, params)
+        async with self._configuring:
+            params = self.params.merged(name, request.args.get("params"))
+            applied = await self.host.configure_model(name, params)
         return {"model": name, "params": params, "applied": applied}
 
     async def _get_config(self, request: OperationRequest) -> dict[str, Any]:

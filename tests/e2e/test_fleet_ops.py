@@ -42,6 +42,7 @@ pytestmark = pytest.mark.e2e
 
 DEVICES = ("ops-1", "ops-2")
 ZONE = "America/St_Johns"  # an offset of -150 or -210 minutes: not a whole hour, never this machine's
+WAIT = 60.0  # seconds a device may take to answer on two loaded cores (the CLI's default is 10)
 SCORE = b'''import json
 import os
 import uuid
@@ -104,8 +105,9 @@ class Fleet:
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         env = dict(os.environ, EDGEDEPLOY_HOME=str(self.home), EDGEDEPLOY_BROKER=self.broker.url)
-        return subprocess.run([sys.executable, "-m", "packager.cli.main", "fleet", *args], capture_output=True,
-                              text=True, env=env, cwd=ROOT, timeout=120)
+        wait = [] if "--timeout" in args else ["--timeout", str(WAIT)]
+        return subprocess.run([sys.executable, "-m", "packager.cli.main", "fleet", *args, *wait],
+                              capture_output=True, text=True, env=env, cwd=ROOT, timeout=180)
 
 
 def scorer_bundle(out: Path, key: SigningKey) -> Path:
@@ -219,7 +221,7 @@ def request(device_id: str, request_id: str, key: SigningKey | None, expires_in:
 
 
 def test_logs_return_the_agents_recent_lines(fleet: Fleet) -> None:
-    lines = fleet.ops.logs("ops-1", tail=2000)
+    lines = fleet.ops.logs("ops-1", tail=2000, timeout=WAIT)
     assert any("connected to mqtt://127.0.0.1" in line for line in lines), lines[-20:]
     assert any("scorer deployment" in line and "-> active" in line for line in lines)
     result = fleet.cli("logs", "ops-1", "--tail", "3")
@@ -227,7 +229,7 @@ def test_logs_return_the_agents_recent_lines(fleet: Fleet) -> None:
     printed = result.stdout.splitlines()
     assert len(printed) == 3 and all(" INFO " in line or " WARNING " in line for line in printed), printed
     with pytest.raises(ValidationError, match="ops-1: logs: 'tail' must be a whole number from 1 to 2000"):
-        fleet.ops.logs("ops-1", tail=5000)
+        fleet.ops.logs("ops-1", tail=5000, timeout=WAIT)
 
 
 def test_config_reaches_configure_is_reported_and_survives_an_agent_restart(fleet: Fleet) -> None:
@@ -248,9 +250,9 @@ def test_config_reaches_configure_is_reported_and_survives_an_agent_restart(flee
     assert refused.returncode == 1 and refused.stderr.count("\n") == 1
     assert refused.stderr.startswith("error: ops-1: configure() refused the parameters: ValueError: scale must be")
     assert fleet.score("ops-1")["total"] == [18.0]  # the old parameters stay, in the script and on record
-    assert fleet.ops.get_config("ops-1", "scorer") == {"scale": 3, "label": "fast", "limits": [1, 2]}
+    assert fleet.ops.get_config("ops-1", "scorer", timeout=WAIT) == {"scale": 3, "label": "fast", "limits": [1, 2]}
 
-    assert fleet.ops.configure("ops-1", "scorer", {"label": None, "limits": None})["params"] == {"scale": 3}
+    assert fleet.ops.configure("ops-1", "scorer", {"label": None, "limits": None}, WAIT)["params"] == {"scale": 3}
     agent = fleet.agents["ops-1"]
     agent.kill(15)  # SIGTERM: a clean stop
     started = time.time()
@@ -262,7 +264,7 @@ def test_config_reaches_configure_is_reported_and_survives_an_agent_restart(flee
 
 
 def test_restart_keeps_the_model_serving(fleet: Fleet) -> None:
-    fleet.ops.configure("ops-2", "scorer", {"scale": 2})
+    fleet.ops.configure("ops-2", "scorer", {"scale": 2}, WAIT)
     before = fleet.score("ops-2")
     answers: list[dict[str, Any]] = []
     failures: list[BaseException] = []
@@ -292,7 +294,7 @@ def test_restart_keeps_the_model_serving(fleet: Fleet) -> None:
 
 def test_requests_the_device_must_not_run_are_refused_and_change_nothing(fleet: Fleet) -> None:
     controller, publisher = load_order_key(fleet.home), load_signing_key(home=fleet.home)  # the device trusts both
-    fleet.ops.configure("ops-1", "scorer", {"scale": 4})
+    fleet.ops.configure("ops-1", "scorer", {"scale": 4}, WAIT)
     last_seq = fleet.reported("ops-1")["last_seq"]
     wire = Wire(fleet.broker.port, "ops-1")
     try:
@@ -325,14 +327,14 @@ def test_requests_the_device_must_not_run_are_refused_and_change_nothing(fleet: 
             assert wire.responses(request_id) == []  # answered after them, so theirs would be here by now
     finally:
         wire.close()
-    assert fleet.ops.get_config("ops-1", "scorer") == {"scale": 6}
+    assert fleet.ops.get_config("ops-1", "scorer", WAIT) == {"scale": 6}
     assert fleet.score("ops-1")["total"] == [36.0]
     assert fleet.reported("ops-1")["last_seq"] == last_seq  # requests never touch the order sequence
 
 
 def test_unknown_model_and_offline_device_are_one_clear_error(fleet: Fleet) -> None:
     with pytest.raises(NotFoundError, match=r"ops-1: no model named 'nosuch' on this device \(models: scorer\)"):
-        fleet.ops.restart("ops-1", "nosuch")
+        fleet.ops.restart("ops-1", "nosuch", WAIT)
     result = fleet.cli("config", "ops-1", "nosuch", "k=1")
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr == "error: ops-1: no model named 'nosuch' on this device (models: scorer)\n"
