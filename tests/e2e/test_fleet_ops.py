@@ -21,7 +21,6 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
-import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.bundle import BundleManifest
@@ -36,7 +35,7 @@ from packager.bundle_server import BundleServer
 from packager.fleet import FleetController
 from packager.fleet_ops import FleetOps
 from packager.keys import SigningKey, export_public_key, generate_key, load_order_key, load_signing_key
-from tests.e2e.conftest import MOSQUITTO, ROOT, Agent, Broker
+from tests.e2e.conftest import MOSQUITTO, ROOT, Agent, Broker, make_agent
 
 pytestmark = pytest.mark.e2e
 
@@ -140,13 +139,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     controller = FleetController(broker.url, home=home)
     try:
         for device_id in DEVICES:
-            folder = root / device_id
-            folder.mkdir()
-            (folder / "agent.yaml").write_text(yaml.safe_dump({
-                "device_id": device_id, "groups": ["ops"], "broker": broker.url, "data_dir": str(folder / "data"),
-                "trusted_keys": [str(root / "publisher.pub")], "http_port": 0, "grpc_port": 0,
-                "timezone": ZONE}))
-            agents[device_id] = Agent(device_id, folder / "agent.yaml", folder / "data", folder / "agent.log")
+            agents[device_id] = make_agent(root, device_id, broker.url, root / "publisher.pub", ["ops"],
+                                           timezone=ZONE)
             agents[device_id].start()
         made = Fleet(broker, home, agents, controller)
         for device_id in DEVICES:
