@@ -18,6 +18,7 @@ import yaml
 from edge_agent.errors import NotFoundError, ValidationError
 from edge_agent.fleet_messages import DEFAULT_PREFIX, check_device_id
 from edge_agent.serving_config import DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_MAX_REQUEST_BYTES, ServingConfig
+from edge_agent.timezones import check_timezone
 
 __all__ = ["AGENT_CONFIG_SCHEMA", "MQTT_VERSION_NAMES", "AgentConfig", "load_agent_config", "parse_agent_config"]
 
@@ -62,6 +63,7 @@ AGENT_CONFIG_SCHEMA: dict[str, Any] = {
         "mqtt_version": {"enum": list(MQTT_VERSION_NAMES) + [5]},  # YAML reads a bare 5 as a number
         "download_deadline_s": {"type": "number", "exclusiveMinimum": 0},
         "download_min_bytes_per_s": {"type": "number", "minimum": 0},
+        "timezone": {"type": "string", "minLength": 1},
     },
 }
 
@@ -104,6 +106,8 @@ class AgentConfig:
     # a download that takes longer, or runs slower over any 30 s, is abandoned (resumed next time)
     download_deadline_s: float = 3600.0
     download_min_bytes_per_s: float = 1024.0
+    # IANA name of the device's local time (maintenance windows); None: the system's zone
+    timezone: str | None = None
 
     @property
     def broker_host(self) -> str:
@@ -169,6 +173,11 @@ def parse_agent_config(document: Any, base: Path | None = None, source: str = "a
         raise _schema_error(errors[0], source)
     check_device_id(document["device_id"])
     _check_transport(document["broker"], source)
+    if "timezone" in document:
+        try:
+            check_timezone(document["timezone"])
+        except ValidationError as exc:
+            raise ValidationError(f"{source}: timezone: {exc}") from None
     base = base or Path.cwd()
 
     def path(value: str | None) -> Path | None:

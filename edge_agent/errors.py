@@ -130,4 +130,5 @@ class AuthError(EdgeDeployError):
 
 
 class UnavailableError(EdgeDeployError):
-    """The service cannot act now (a standby controller, a broker that is down); retry or ask another."""
+    """The service cannot act now (a standby controller, a broker that is down, a device that does not
+    answer, a model being deployed); retry or ask another."""

@@ -1,4 +1,4 @@
-"""The agent's MQTT adapter (paho-mqtt 2.x): session, last will, desired-state subscription.
+"""The agent's MQTT adapter (paho-mqtt 2.x): session, last will, desired-state and request subscriptions.
 
 ``mqtt_version: auto`` (the default) speaks MQTT 5 and falls back to 3.1.1 when the broker refuses
 the protocol version, closes the connection on an MQTT 5 CONNECT without a CONNACK (RabbitMQ's
@@ -59,15 +59,18 @@ def shrink_strings(value: Any, limit: int = MAX_ERROR_CHARS) -> Any:
 class AgentLink:
     """One device's connection to the broker.
 
-    ``on_desired(message)`` is called (from paho's thread) with each valid desired state;
+    ``on_desired(message)`` is called (from paho's thread) with each valid desired state,
+    ``on_request(message)`` with each well-formed request on this device's requests topic;
     ``on_connected()`` after each successful (re)connect.
     """
 
     def __init__(self, config: AgentConfig, on_desired: Callable[[dict[str, Any]], None],
-                 on_connected: Callable[[], None] | None = None) -> None:
+                 on_connected: Callable[[], None] | None = None,
+                 on_request: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.config = config
         self.on_desired = on_desired
         self.on_connected = on_connected
+        self.on_request = on_request
         self.protocol = MQTT_VERSIONS[config.mqtt_version]
         self._answered = False  # the broker sent a CONNACK at least once
         self.connected = threading.Event()
@@ -77,6 +80,11 @@ class AgentLink:
     # --- set-up --------------------------------------------------------------------------------
     def _topic(self, kind: str) -> str:
         return topic(self.config.device_id, kind, self.config.topic_prefix)
+
+    @property
+    def _inbound(self) -> tuple[str, ...]:
+        """The kinds this device subscribes to."""
+        return ("desired", "requests") if self.on_request is not None else ("desired",)
 
     def _make_client(self) -> paho.Client:
         v5 = self.protocol == paho.MQTTv5
@@ -166,7 +174,7 @@ class AgentLink:
                 log.warning("broker %s refused the connection: %s", self.config.broker, reason_code)
             return
         log.info("connected to %s (MQTT %s)", self.config.broker, "5" if self.protocol == paho.MQTTv5 else "3.1.1")
-        client.subscribe(self._topic("desired"), qos=1)
+        client.subscribe([(self._topic(kind), 1) for kind in self._inbound])
         client.publish(self._topic("status"), self._status(True), qos=1, retain=True)
         self.connected.set()
         if self.on_connected is not None:
@@ -194,19 +202,21 @@ class AgentLink:
     def _take_message(self, message: paho.MQTTMessage) -> None:
         try:
             device_id, kind = parse_topic(message.topic, self.config.topic_prefix)
-            if device_id != self.config.device_id or kind != "desired":
+            if device_id != self.config.device_id or kind not in self._inbound:
                 raise ValidationError(f"unexpected message on {message.topic!r}")
             if not message.payload:
-                log.info("desired state of %s was cleared", device_id)
+                log.info("%s of %s was cleared", kind, device_id)
                 return
-            desired = parse_message("desired", bytes(message.payload))
+            body = parse_message(kind, bytes(message.payload))
         except ValidationError as exc:
-            log.warning("ignored a message on %s: %s", message.topic, exc)
+            log.warning("ignored a message on %s: %s", brief(message.topic, 200), exc)
             return
+        handler = self.on_request if kind == "requests" else self.on_desired
         try:
-            self.on_desired(desired)
+            if handler is not None:
+                handler(body)
         except Exception:  # never let a handler bug stop the agent
-            log.exception("handling the desired state failed")
+            log.exception("handling the %s message failed", kind)
 
     # --- publishing ----------------------------------------------------------------------------
     def publish(self, kind: str, body: dict[str, Any], qos: int = 1, retain: bool = False) -> bool:

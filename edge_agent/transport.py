@@ -38,10 +38,12 @@ CONTROLLER_GROUP = "edgedeploy.fleet_controller_transports"
 
 @runtime_checkable
 class DeviceTransport(Protocol):
-    """The agent's link: built as ``Factory(config, on_desired, on_connected)``.
+    """The agent's link: built as ``Factory(config, on_desired, on_connected, on_request=...)``.
 
-    ``on_desired(message)`` gets each well-formed desired message (from the transport's thread);
-    ``on_connected()`` runs after each (re)connect, so the agent can publish its reported state.
+    ``on_desired(message)`` gets each well-formed desired message (from the transport's thread),
+    ``on_request(message)`` each well-formed request addressed to this device's requests topic (the
+    agent checks its signature, see :mod:`edge_agent.operations`); ``on_connected()`` runs after
+    each (re)connect, so the agent can publish its reported state.
     """
 
     connected: threading.Event
@@ -61,7 +63,8 @@ class ControllerTransport(Protocol):
     """The controller's link: built as ``Factory(broker_url, prefix)``, connected when it returns.
 
     It keeps the latest ``reported``, ``status`` and ``desired`` message of every device (guarded
-    by ``changed``, notified on each arrival) and when each device was last heard from.
+    by ``changed``, notified on each arrival) and when each device was last heard from; it hands
+    each device's ``responses`` to the listeners added with :meth:`on_response`.
     """
 
     reported: dict[str, dict[str, Any]]
@@ -81,6 +84,12 @@ class ControllerTransport(Protocol):
 
     def publish_desired_many(self, orders: list[tuple[str, dict[str, Any]]], timeout: float = 30.0) -> None:
         """Deliver many desired states at once (a wave); returns when the transport took every one."""
+
+    def publish_request(self, device_id: str, message: dict[str, Any]) -> None:
+        """Send a signed request to a device's requests topic (not retained; its expiry bounds a late delivery)."""
+
+    def on_response(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``listener(response)`` (from the transport's thread) for every response that arrives."""
 
     def close(self) -> None:
         """Disconnect."""

@@ -20,6 +20,7 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from edge_agent.orders import ORDER_TTL_S, sign_order, verify_order
 from edge_agent.transport import ControllerTransport, controller_transport
 from edge_agent.trust import TrustStore
 from packager.control.policy import parse_fraction, parse_wave, split_waves, too_many_failures
+from packager.fleet_ops import FleetOps
 
 __all__ = [
     "DEFAULT_BROKER",
@@ -349,6 +351,7 @@ class _Link:
     ``mqtt_version="auto"`` tries MQTT 5, then 3.1.1 when the broker refuses the version, closes
     the connection before a CONNACK (RabbitMQ's MQTT plugin before 3.13) or does not answer.
     A subclass that subscribes to more of :data:`KINDS` gets their messages in :meth:`_other`.
+    Every link also takes ``responses`` and hands them to its :meth:`on_response` listeners.
     """
 
     KINDS: tuple[str, ...] = ("reported", "status", "desired")
@@ -367,6 +370,7 @@ class _Link:
         self.desired: dict[str, dict[str, Any]] = {}  # the retained orders, as the broker holds them
         self.last_seen: dict[str, float] = {}
         self.changed = threading.Condition()
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
         self._url = url
         self._connected = threading.Event()
         self._answer = threading.Event()  # a CONNACK, or the connection closed before one
@@ -423,7 +427,8 @@ class _Link:
             self._answer.set()
             log.warning("broker refused the connection: %s", reason_code)
             return
-        client.subscribe([(topic("+", kind, self.prefix), 1) for kind in self.KINDS])
+        kinds = dict.fromkeys((*self.KINDS, "responses"))  # answers to requests, whatever a subclass adds
+        client.subscribe([(topic("+", kind, self.prefix), 1) for kind in kinds])
         self._connected.set()
         self._answer.set()
 
@@ -445,6 +450,9 @@ class _Link:
         except ValidationError as exc:
             log.info("ignoring a message on %s: %s", brief(message.topic, 200), exc)
             return
+        if kind == "responses":
+            self._deliver(device_id, body)
+            return
         if kind not in ("reported", "status", "desired"):
             self._other(kind, device_id, body)
             return
@@ -464,6 +472,30 @@ class _Link:
 
     def _other(self, kind: str, device_id: str, body: dict[str, Any] | None) -> None:
         """A message of a kind beyond the retained three (telemetry, events, ...); ignored here."""
+
+    def _deliver(self, device_id: str, response: dict[str, Any] | None) -> None:
+        if response is None or response.get("device_id") != device_id:
+            log.info("ignoring a response on %s's topic that names device %r", device_id,
+                     brief(str((response or {}).get("device_id")), 80))
+            return
+        for listener in list(self._listeners):
+            try:
+                listener(response)
+            except Exception:  # one listener's bug must not starve the others or the network loop
+                log.exception("a response listener failed")
+
+    def on_response(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``listener(response)`` (from paho's thread) for every response a device publishes."""
+        self._listeners.append(listener)
+
+    def publish_request(self, device_id: str, message: dict[str, Any]) -> None:
+        """Publish a signed request (QoS 1, not retained); paho resends it if the link is reconnecting."""
+        import paho.mqtt.client as mqtt
+
+        info = self._client.publish(topic(device_id, "requests", self.prefix), encode_message("requests", message),
+                                    qos=1, retain=False)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            raise EdgeDeployError(f"the request for {device_id} could not be sent ({mqtt.error_string(info.rc)})")
 
     def settle(self, quiet: float = 0.3, limit: float = 3.0) -> None:
         """Wait until retained messages stopped arriving (``quiet`` seconds without one)."""
@@ -517,6 +549,7 @@ class FleetController:
         self.order_ttl_s = order_ttl_s
         self.sequences = SequenceCounter(self.home)
         self._link: ControllerTransport | None = None
+        self._ops: FleetOps | None = None
 
     # -- connection --------------------------------------------------------------------------
     def _connect(self) -> ControllerTransport:
@@ -526,11 +559,18 @@ class FleetController:
             self._link.settle()
         return self._link
 
+    def operations(self) -> FleetOps:
+        """Requests to devices (logs, run-time parameters, restarts) over this controller's link."""
+        if self._ops is None:
+            self._ops = FleetOps(self._connect(), self.home)
+        return self._ops
+
     def close(self) -> None:
         """Disconnect from the broker."""
         if self._link is not None:
             self._link.close()
             self._link = None
+            self._ops = None
 
     def __enter__(self) -> FleetController:
         return self
@@ -546,6 +586,19 @@ class FleetController:
             ids = sorted(set(link.reported) | set(link.status))
             return [self._device_row(link, d) for d in ids]
 
+    def select(self, selector: str) -> list[dict[str, Any]]:
+        """The devices ``selector`` picks: the online ones, and every one ``device:`` names.
+
+        NotFoundError when ``device:`` names a device that never reported.
+        """
+        chosen = DeviceSelector.parse(selector)
+        rows = [d for d in self.devices() if chosen.matches(d) and (d["online"] or chosen.kind == "device")]
+        if chosen.kind == "device":
+            missing = sorted(set(chosen.values) - {d["device_id"] for d in rows})
+            if missing:
+                raise NotFoundError(f"unknown device(s): {', '.join(missing)}; see `edgedeploy fleet devices`")
+        return rows
+
     @staticmethod
     def _device_row(link: ControllerTransport, device_id: str) -> dict[str, Any]:
         return device_row(device_id, link.reported.get(device_id) or {}, link.status.get(device_id) or {},
@@ -559,17 +612,13 @@ class FleetController:
         from edge_agent.bundle import verify_bundle
         from packager.bundle_server import publish_bundle
 
-        chosen = DeviceSelector.parse(selector)
+        DeviceSelector.parse(selector)
         parse_wave(wave)
         manifest = verify_bundle(Path(bundle_path), TrustStore.local(self.home))
         sha, url_path = publish_bundle(Path(bundle_path), self.home)
         target = {"bundle_sha256": sha, "bundle_url": server_url.rstrip("/") + url_path,
                   "model": {"name": manifest.name, "version": manifest.version}}
-        rows = [d for d in self.devices() if chosen.matches(d) and (d["online"] or chosen.kind == "device")]
-        if chosen.kind == "device":
-            missing = sorted(set(chosen.values) - {d["device_id"] for d in rows})
-            if missing:
-                raise NotFoundError(f"unknown device(s): {', '.join(missing)}; see `edgedeploy fleet devices`")
+        rows = self.select(selector)
         link = self._connect()
         previous = {d["device_id"]: self._previous(link, d["device_id"], manifest.name, server_url) for d in rows}
         rollout_id = f"r-{time.strftime('%Y%m%d%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"

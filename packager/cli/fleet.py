@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from packager.cli import fleet_ops
 from packager.cli.output import print_json, print_table, progress
 from packager.fleet import DEFAULT_BROKER, FleetController
 
@@ -14,7 +15,7 @@ __all__ = ["register"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``fleet devices|rollout|status|abort`` to the CLI."""
+    """Add ``fleet devices|rollout|status|abort`` and ``fleet logs|config|restart`` to the CLI."""
     parser = subparsers.add_parser("fleet", help="devices and rollouts over MQTT")
     broker_help = f"broker URL (default $EDGEDEPLOY_BROKER, else {DEFAULT_BROKER})"
     parser.add_argument("--broker", default=None, help=broker_help)
@@ -54,6 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     abort = sub.add_parser("abort", parents=[common], help="stop a rollout and roll the updated devices back")
     abort.add_argument("rollout_id")
     abort.set_defaults(func=_abort)
+
+    fleet_ops.register(sub, common, _controller)
 
 
 def _controller(args: argparse.Namespace) -> FleetController:

@@ -1012,6 +1012,8 @@ class ControlPlane:
             if self._ops is None:
                 from packager.fleet_ops import FleetOps
 
+                if self.link is None:
+                    raise UnavailableError("the controller is not connected to the broker yet; retry")
                 self._ops = FleetOps(self.link, self.home)
         return dict(self._ops.request(device_id, op, args or {}, model=model, timeout=timeout))
 
