@@ -125,7 +125,8 @@ def _fetch(url: str, part: Path, limits: DownloadLimits, pace: _Pace, token: str
         exc.close()
         if exc.code == 416 and have:  # we already hold every byte
             return
-        raise DeploymentError(f"download of {url} failed: HTTP {exc.code}") from None
+        hint = " (the bundle server wants a token: bundle_token_file in agent.yaml)" if exc.code == 401 else ""
+        raise DeploymentError(f"download of {url} failed: HTTP {exc.code}{hint}") from None
     with response:
         if have and response.status != 206:
             log.info("server ignored Range for %s; downloading from the start", brief(url, 200))
