@@ -15,7 +15,9 @@ from urllib.parse import urlsplit
 import jsonschema
 import yaml
 
-from edge_agent.errors import NotFoundError, ValidationError
+from edge_agent.auth import read_token
+from edge_agent.broker_tls import BrokerTLS
+from edge_agent.errors import EdgeDeployError, NotFoundError, ValidationError
 from edge_agent.fleet_messages import DEFAULT_PREFIX, check_device_id
 from edge_agent.serving_config import DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_MAX_REQUEST_BYTES, ServingConfig
 from edge_agent.timezones import check_timezone
@@ -41,6 +43,9 @@ AGENT_CONFIG_SCHEMA: dict[str, Any] = {
         "username": {"type": ["string", "null"]},
         "password": {"type": ["string", "null"]},
         "ca_file": {"type": ["string", "null"]},
+        "tls_cert": {"type": ["string", "null"]},
+        "tls_key": {"type": ["string", "null"]},
+        "bundle_token_file": {"type": ["string", "null"]},
         "data_dir": {"type": "string", "minLength": 1},
         "trusted_keys": _STR_LIST,
         "controller_keys": _STR_LIST,
@@ -81,6 +86,10 @@ class AgentConfig:
     username: str | None = None
     password: str | None = None
     ca_file: Path | None = None
+    # the device's own identity on an mqtts:// broker (edgedeploy fleet enroll), and the bundle server's token
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    bundle_token_file: Path | None = None
     trusted_keys: list[Path] = field(default_factory=list)
     # order-signing keys besides the ``orders`` blocks of trusted_keys files (edge_agent.orders)
     controller_keys: list[Path] = field(default_factory=list)
@@ -123,6 +132,11 @@ class AgentConfig:
     def broker_tls(self) -> bool:
         """True for ``mqtts://``."""
         return self.broker.startswith("mqtts://")
+
+    @property
+    def broker_identity(self) -> BrokerTLS:
+        """The files of the broker connection: ``ca_file``, ``tls_cert``, ``tls_key``."""
+        return BrokerTLS(self.ca_file, self.tls_cert, self.tls_key)
 
     @property
     def serving(self) -> ServingConfig:
@@ -187,7 +201,7 @@ def parse_agent_config(document: Any, base: Path | None = None, source: str = "a
     values["data_dir"] = path(values["data_dir"])
     values["trusted_keys"] = [path(p) for p in values.get("trusted_keys", [])]
     values["controller_keys"] = [path(p) for p in values.get("controller_keys", [])]
-    for key in ("ca_file", "keys_file"):
+    for key in ("ca_file", "keys_file", "tls_cert", "tls_key", "bundle_token_file"):
         if values.get(key) is not None:
             values[key] = path(values[key])
     values["tags"] = {str(k): str(v) for k, v in (values.get("tags") or {}).items()}
@@ -196,7 +210,24 @@ def parse_agent_config(document: Any, base: Path | None = None, source: str = "a
     config = AgentConfig(**values)
     if config.reconnect_max_s < config.reconnect_min_s:
         raise ValidationError(f"{source}: reconnect_max_s must be >= reconnect_min_s")
+    _check_credentials(config, source)
     return config
+
+
+def _check_credentials(config: AgentConfig, source: str) -> None:
+    """Read the certificate, key and token files now, so ``--check`` names what is wrong with them."""
+    if urlsplit(config.broker).password is not None:
+        raise ValidationError(f"{source}: broker: give the password as the password key, not in the URL "
+                              "(a URL shows in log lines)")
+    if (config.tls_cert or config.tls_key) and not config.broker_tls:
+        raise ValidationError(f"{source}: tls_cert and tls_key need an mqtts:// broker")
+    try:
+        if config.broker_tls:
+            config.broker_identity.check()
+        if config.bundle_token_file is not None:
+            read_token(config.bundle_token_file)
+    except EdgeDeployError as exc:
+        raise ValidationError(f"{source}: {exc}") from None
 
 
 def load_agent_config(path: Path | str) -> AgentConfig:

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edge_agent.auth import read_token
 from edge_agent.bundle import BundleManifest, load_extracted, open_bundle, read_manifest
 from edge_agent.errors import DeploymentError, EdgeDeployError, NotFoundError, UnavailableError, ValidationError, brief
 from edge_agent.fleet_messages import BundleRef, DeviceReport, ModelOrder, ModelReport, OrderAction
@@ -367,8 +368,9 @@ class EdgeAgent:
         self._check_downgrade(store, {"name": order.name, "version": order.version}, order)
         limits = DownloadLimits(self.config.max_download_bytes, deadline_s=self.config.download_deadline_s,
                                 min_bytes_per_s=self.config.download_min_bytes_per_s)
+        token = read_token(self.config.bundle_token_file) if self.config.bundle_token_file else None
         path = await asyncio.to_thread(download_bundle, order.bundle_url, order.bundle_sha256,
-                                       store.downloads, limits, abandon=self._superseded.is_set)
+                                       store.downloads, limits, abandon=self._superseded.is_set, token=token)
         self._advance(store, Event.OK)  # -> verifying
         await asyncio.to_thread(self._check_bundle, path, order)
         slot = store.deployment["slot"]

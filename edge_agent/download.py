@@ -114,16 +114,19 @@ def _copy(response: http.client.HTTPResponse, sink: BinaryIO, written: int, max_
         pace.check(len(chunk))
 
 
-def _fetch(url: str, part: Path, limits: DownloadLimits, pace: _Pace) -> None:
+def _fetch(url: str, part: Path, limits: DownloadLimits, pace: _Pace, token: str | None) -> None:
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    if token is not None:  # not carried over a redirect, which may lead to another host
+        request.add_unredirected_header("Authorization", f"Bearer {token}")
     try:
         response = urllib.request.urlopen(request, timeout=pace.read_timeout())
     except urllib.error.HTTPError as exc:
         exc.close()
         if exc.code == 416 and have:  # we already hold every byte
             return
-        raise DeploymentError(f"download of {url} failed: HTTP {exc.code}") from None
+        hint = " (the bundle server wants a token: bundle_token_file in agent.yaml)" if exc.code == 401 else ""
+        raise DeploymentError(f"download of {url} failed: HTTP {exc.code}{hint}") from None
     with response:
         if have and response.status != 206:
             log.info("server ignored Range for %s; downloading from the start", brief(url, 200))
@@ -155,8 +158,10 @@ def reclaim_downloads(folder: Path, keep_sha256: str | None = None) -> int:
 
 
 def download_bundle(url: str, sha256: str, folder: Path, limits: DownloadLimits | None = None,
-                    abandon: Callable[[], bool] | None = None) -> Path:
+                    abandon: Callable[[], bool] | None = None, token: str | None = None) -> Path:
     """Fetch ``url`` into ``folder/<sha256>.edb`` (resuming a ``.part``); IntegrityError on a hash mismatch.
+
+    ``token`` goes as ``Authorization: Bearer`` (``edgedeploy serve --token-file``).
 
     A finished file already present is reused; other orders' files are deleted first. Network
     errors, a passed deadline, a too slow server and ``abandon()`` turning true raise
@@ -173,7 +178,7 @@ def download_bundle(url: str, sha256: str, folder: Path, limits: DownloadLimits 
         return final
     part = folder / f"{sha256}.part"
     try:
-        _fetch(url, part, limits, _Pace(url, limits, abandon))
+        _fetch(url, part, limits, _Pace(url, limits, abandon), token)
     except _TooLarge:
         part.unlink(missing_ok=True)
         raise

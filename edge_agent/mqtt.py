@@ -16,7 +16,6 @@ A message that cannot be published (too large, not connected) is logged, never r
 from __future__ import annotations
 
 import logging
-import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edge_agent.broker_tls import tls_refusal
 from edge_agent.errors import MAX_ERROR_CHARS, ValidationError, brief
 from edge_agent.fleet_messages import encode_message, parse_message, parse_topic, topic
 
@@ -73,6 +73,8 @@ class AgentLink:
         self.on_request = on_request
         self.protocol = MQTT_VERSIONS[config.mqtt_version]
         self._answered = False  # the broker sent a CONNACK at least once
+        self._tls_refusal: str | None = None  # the last TLS refusal logged (each is logged once)
+        self._tls_context = config.broker_identity.context() if config.broker_tls else None
         self.connected = threading.Event()
         self._lock = threading.Lock()
         self._client = self._make_client()
@@ -92,9 +94,9 @@ class AgentLink:
                              protocol=self.protocol, clean_session=None if v5 else False)
         if self.config.username:
             client.username_pw_set(self.config.username, self.config.password)
-        if self.config.broker_tls:
-            client.tls_set(ca_certs=str(self.config.ca_file) if self.config.ca_file else None,
-                           cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        if self._tls_context is not None:
+            client.tls_set_context(self._tls_context)
+            client.on_connect_fail = self._on_connect_fail
         client.will_set(self._topic("status"), self._status(False), qos=1, retain=True)
         client.reconnect_delay_set(min_delay=max(1, int(self.config.reconnect_min_s)),
                                    max_delay=max(1, int(self.config.reconnect_max_s)))
@@ -167,6 +169,7 @@ class AgentLink:
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any,
                     properties: Any) -> None:
         self._answered = True
+        self._tls_refusal = None
         if reason_code.is_failure:
             if self._may_fall_back(client) and reason_code.value in _BAD_PROTOCOL:
                 threading.Thread(target=self._fallback, daemon=True).start()
@@ -185,13 +188,29 @@ class AgentLink:
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any,
                        properties: Any) -> None:
+        was_connected = self.connected.is_set()
         self.connected.clear()
+        if not was_connected and self._explain_tls():
+            return  # refused for its certificate, not for the MQTT version: falling back would not help
         if self._may_fall_back(client):
             # The TCP connection stood (a broker that is down reports a connect failure instead) and
             # was closed before any CONNACK: what RabbitMQ's MQTT plugin does with an MQTT 5 CONNECT.
             threading.Thread(target=self._fallback, daemon=True).start()
             return
         log.info("disconnected from %s (%s); reconnecting with backoff", self.config.broker, reason_code)
+
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        self._explain_tls()  # paho retries in silence: say once why, when TLS is the reason
+
+    def _explain_tls(self) -> bool:
+        """After a failed mqtts connection, log why TLS failed (once per reason); True when it did."""
+        if self._tls_context is None:
+            return False
+        reason = tls_refusal(self.config.broker_host, self.config.broker_port, self._tls_context)
+        if reason is not None and reason != self._tls_refusal:
+            log.warning("cannot connect to %s: %s", self.config.broker, reason)
+        self._tls_refusal = reason
+        return reason is not None
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         try:

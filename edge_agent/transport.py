@@ -60,7 +60,9 @@ class DeviceTransport(Protocol):
 
 @runtime_checkable
 class ControllerTransport(Protocol):
-    """The controller's link: built as ``Factory(broker_url, prefix)``, connected when it returns.
+    """The controller's link: built as ``Factory(broker_url, prefix, mqtt_version=...)``, connected
+    when it returns; a transport that speaks TLS also takes ``tls=`` (an
+    :class:`edge_agent.broker_tls.BrokerTLS`), passed only when the user gave TLS files.
 
     It keeps the latest ``reported``, ``status`` and ``desired`` message of every device (guarded
     by ``changed``, notified on each arrival) and when each device was last heard from; it hands

@@ -3,11 +3,15 @@
 Bundles are stored content-addressed as ``EDGEDEPLOY_HOME/bundles/<sha256>.edb`` and served at
 ``/bundles/<sha256>.edb``. GET and HEAD are supported, with single ``Range: bytes=a-b`` requests
 (206 + Content-Range; 416 for a range outside the file) so a device can resume a cut download.
-The ETag is the sha256, which never changes for a given path.
+The ETag is the sha256, which never changes for a given path. Given a token file
+(``edgedeploy serve --token-file``, :class:`edge_agent.auth.TokenFile`), every request must carry
+``Authorization: Bearer <token>`` and is answered 401 before anything else otherwise. Errors are
+``{"error": ...}`` JSON bodies.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -18,8 +22,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from edge_agent.atomic import fsync_dir
+from edge_agent.auth import TokenFile
 from edge_agent.bundle import bundle_sha256
-from edge_agent.errors import NotFoundError
+from edge_agent.errors import AuthError, NotFoundError
 from edge_agent.home import edgedeploy_home
 
 __all__ = ["BundleServer", "bundles_dir", "publish_bundle"]
@@ -89,18 +94,24 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._serve(body=True)
 
-    def _error(self, status: HTTPStatus, extra: dict[str, str] | None = None) -> None:
-        data = f"{status.value} {status.phrase}\n".encode()
+    def _error(self, status: HTTPStatus, extra: dict[str, str] | None = None, message: str | None = None) -> None:
+        data = json.dumps({"error": message or status.phrase}).encode()
         self.send_response(status)
         for key, value in (extra or {}).items():
             self.send_header(key, value)
-        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
 
     def _serve(self, body: bool) -> None:
+        if self.server.tokens is not None:
+            try:
+                self.server.tokens.check(self.headers.get("Authorization"))
+            except AuthError as exc:
+                self._error(HTTPStatus.UNAUTHORIZED, {"WWW-Authenticate": "Bearer"}, str(exc))
+                return
         match = _PATH.match(self.path.split("?", 1)[0])
         if not match:
             self._error(HTTPStatus.NOT_FOUND)
@@ -150,15 +161,22 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     store: Path
+    tokens: TokenFile | None
 
 
 class BundleServer:
-    """The bundle server bound to ``host:port`` (0 = a free port); ``start()`` runs it in a thread."""
+    """The bundle server bound to ``host:port`` (0 = a free port); ``start()`` runs it in a thread.
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, home: Path | None = None) -> None:
+    With ``token_file``, only requests bearing one of its tokens are served.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, home: Path | None = None,
+                 token_file: Path | None = None) -> None:
         self._host = host
+        tokens = TokenFile(token_file) if token_file is not None else None
         self._httpd = _Server((host, port), _Handler)
         self._httpd.store = bundles_dir(home)
+        self._httpd.tokens = tokens
         self._thread: threading.Thread | None = None
 
     @property

@@ -17,16 +17,19 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 import secrets
+import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from edge_agent.atomic import atomic_write_json, read_json
+from edge_agent.broker_tls import BrokerTLS, redact_url, tls_refusal
 from edge_agent.errors import EdgeDeployError, NotFoundError, UsageError, ValidationError, brief
 from edge_agent.fleet_messages import (
     DEFAULT_PREFIX,
@@ -57,6 +60,7 @@ __all__ = [
     "own_order",
     "RolloutPlan",
     "SequenceCounter",
+    "broker_tls",
     "parse_fraction",
     "parse_wave",
     "split_waves",
@@ -352,16 +356,19 @@ class _Link:
     the connection before a CONNACK (RabbitMQ's MQTT plugin before 3.13) or does not answer.
     A subclass that subscribes to more of :data:`KINDS` gets their messages in :meth:`_other`.
     Every link also takes ``responses`` and hands them to its :meth:`on_response` listeners.
+    ``tls`` gives an ``mqtts://`` connection its CA file and client identity (checked before connecting;
+    without it: the system's CAs, no client certificate). Messages show the URL without its password.
     """
 
     KINDS: tuple[str, ...] = ("reported", "status", "desired")
 
-    def __init__(self, broker_url: str, prefix: str, mqtt_version: str = "auto") -> None:
+    def __init__(self, broker_url: str, prefix: str, mqtt_version: str = "auto", tls: BrokerTLS | None = None) -> None:
         import paho.mqtt.client as mqtt  # the adapter only: the plan logic never needs paho
 
         url = urlparse(broker_url)
         if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
-            raise UsageError(f"bad broker URL {broker_url!r}: write mqtt://HOST:PORT")
+            raise UsageError(f"bad broker URL {redact_url(broker_url)!r}: write mqtt://HOST:PORT")
+        self._tls = _tls_context(url.scheme, tls)
         if str(mqtt_version) not in _MQTT_VERSIONS:
             raise UsageError(f"bad MQTT version {mqtt_version!r}: use {', '.join(_MQTT_VERSIONS)}")
         self.prefix = prefix
@@ -382,13 +389,23 @@ class _Link:
             self._client = self._open(broker_url, protocol)
             if self._wait_connected(_SILENT_CONNACK_S if not last else 10.0) or last:
                 break
-            log.info("broker %s did not take an MQTT 5 connection; trying 3.1.1", broker_url)
+            log.info("broker %s did not take an MQTT 5 connection; trying 3.1.1", redact_url(broker_url))
             self.close()
-        if not self._connected.is_set():
+        if self._connected.is_set():
+            log.info("connected to %s (MQTT %s)", redact_url(broker_url), "5" if protocol == mqtt.MQTTv5 else "3.1.1")
+        else:
             self.close()
+            self._raise_tls_refusal(broker_url)
             tried = "MQTT 5 or 3.1.1" if mqtt_version == "auto" else f"MQTT {mqtt_version}"
-            raise EdgeDeployError(f"the MQTT broker at {broker_url} did not accept the connection ({tried}); "
-                                  "check the URL, the credentials and --mqtt-version")
+            raise EdgeDeployError(f"the MQTT broker at {redact_url(broker_url)} did not accept the connection "
+                                  f"({tried}); check the URL, the credentials and --mqtt-version")
+
+    def _raise_tls_refusal(self, broker_url: str) -> None:
+        """Raise the reason TLS fails, when it does (paho only says the connection was lost)."""
+        if self._tls is not None:
+            reason = tls_refusal(self._url.hostname or "127.0.0.1", self._url.port or 8883, self._tls)
+            if reason is not None:
+                raise EdgeDeployError(f"cannot connect to the MQTT broker at {redact_url(broker_url)}: {reason}")
 
     def _open(self, broker_url: str, protocol: Any) -> Any:
         import paho.mqtt.client as mqtt
@@ -400,8 +417,8 @@ class _Link:
                              protocol=protocol)
         if url.username:
             client.username_pw_set(url.username, url.password)
-        if url.scheme == "mqtts":
-            client.tls_set()
+        if self._tls is not None:
+            client.tls_set_context(self._tls)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -411,8 +428,12 @@ class _Link:
         try:
             port = url.port or (8883 if url.scheme == "mqtts" else 1883)
             client.connect(url.hostname or "127.0.0.1", port, keepalive=30)
+        except ssl.SSLError:
+            self._raise_tls_refusal(broker_url)
+            raise EdgeDeployError(f"TLS with the MQTT broker at {redact_url(broker_url)} failed") from None
         except OSError as exc:
-            raise EdgeDeployError(f"cannot reach the MQTT broker at {broker_url} ({exc}); is it running?") from None
+            raise EdgeDeployError(f"cannot reach the MQTT broker at {redact_url(broker_url)} ({exc}); "
+                                  "is it running?") from None
         client.loop_start()
         return client
 
@@ -534,6 +555,27 @@ class _Link:
         self._client.loop_stop()
 
 
+def _tls_context(scheme: str, tls: BrokerTLS | None) -> ssl.SSLContext | None:
+    """The checked TLS context of an ``mqtts://`` link; None for ``mqtt://`` (refused with TLS files)."""
+    if scheme != "mqtts":
+        if tls is not None and (tls.ca_file or tls.cert_file or tls.key_file):
+            raise UsageError("a CA file or client certificate was given for an mqtt:// broker: use mqtts://")
+        return None
+    tls = tls or BrokerTLS()
+    tls.check()
+    return tls.context()
+
+
+def broker_tls(ca_file: Path | None = None, cert_file: Path | None = None, key_file: Path | None = None,
+               environ: Mapping[str, str] = os.environ) -> BrokerTLS:
+    """The controller's broker TLS files: those given, else ``$EDGEDEPLOY_BROKER_CA``, ``_CERT``, ``_KEY``."""
+    def pick(given: Path | None, variable: str) -> Path | None:
+        return given if given is not None else (Path(environ[variable]) if environ.get(variable) else None)
+
+    return BrokerTLS(pick(ca_file, "EDGEDEPLOY_BROKER_CA"), pick(cert_file, "EDGEDEPLOY_BROKER_CERT"),
+                     pick(key_file, "EDGEDEPLOY_BROKER_KEY"), names=("--ca-file", "--tls-cert", "--tls-key"))
+
+
 MQTTControllerLink = _Link  # the controller side of the MQTT fleet transport (its entry point's target)
 
 
@@ -541,8 +583,10 @@ class FleetController:
     """Lists devices and runs rollouts; every step is persisted so a restart resumes a rollout."""
 
     def __init__(self, broker_url: str = DEFAULT_BROKER, prefix: str = DEFAULT_PREFIX,
-                 home: Path | None = None, mqtt_version: str = "auto", order_ttl_s: float = ORDER_TTL_S) -> None:
+                 home: Path | None = None, mqtt_version: str = "auto", order_ttl_s: float = ORDER_TTL_S,
+                 tls: BrokerTLS | None = None) -> None:
         self.broker_url = broker_url
+        self.tls = tls  # an mqtts:// broker's CA file and client identity (see broker_tls)
         self.prefix = prefix
         self.mqtt_version = mqtt_version
         self.home = Path(home) if home else edgedeploy_home()
@@ -554,8 +598,10 @@ class FleetController:
     # -- connection --------------------------------------------------------------------------
     def _connect(self) -> ControllerTransport:
         if self._link is None:
-            self._link = controller_transport(self.broker_url)(self.broker_url, self.prefix,
-                                                               mqtt_version=self.mqtt_version)
+            options: dict[str, Any] = {"mqtt_version": self.mqtt_version}
+            if self.tls is not None:  # a transport without TLS never sees the option
+                options["tls"] = self.tls
+            self._link = controller_transport(self.broker_url)(self.broker_url, self.prefix, **options)
             self._link.settle()
         return self._link
 

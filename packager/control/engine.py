@@ -58,7 +58,7 @@ from packager.control.policy import (
     stats_from_telemetry,
     too_many_failures,
 )
-from packager.control.store import Store
+from packager.control.store import Store, redact_url
 from packager.fleet import DeviceSelector, MQTTControllerLink, compose_desired, device_row, model_report, own_order
 
 __all__ = ["ControlPlane", "Rollout"]
@@ -745,7 +745,8 @@ class ControlPlane:
     def health(self) -> dict[str, Any]:
         """Leadership, store, broker and counts."""
         link = self.link
-        return {"leader": self.leading, "holder": self.holder, "store": self.store.url, "broker": self.broker_url,
+        return {"leader": self.leading, "holder": self.holder, "store": self.store.url,
+                "broker": redact_url(self.broker_url),
                 "connected": bool(link and link._connected.is_set()), "devices": len(self._devices),
                 "deployments": len(self._deployments),
                 "open_rollouts": sum(1 for r in self._rollouts.values() if r.open)}
