@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import jsonschema
 import yaml
 
+from edge_agent.delta import DEFAULT_PATCH_MEMORY_BYTES
 from edge_agent.errors import NotFoundError, ValidationError
 from edge_agent.fleet_messages import DEFAULT_PREFIX, check_device_id
 from edge_agent.serving_config import DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_MAX_REQUEST_BYTES, ServingConfig
@@ -62,6 +63,8 @@ AGENT_CONFIG_SCHEMA: dict[str, Any] = {
         "mqtt_version": {"enum": list(MQTT_VERSION_NAMES) + [5]},  # YAML reads a bare 5 as a number
         "download_deadline_s": {"type": "number", "exclusiveMinimum": 0},
         "download_min_bytes_per_s": {"type": "number", "minimum": 0},
+        "delta_updates": {"type": "boolean"},
+        "delta_patch_memory_bytes": {"type": "integer", "minimum": 0},
     },
 }
 
@@ -104,6 +107,10 @@ class AgentConfig:
     # a download that takes longer, or runs slower over any 30 s, is abandoned (resumed next time)
     download_deadline_s: float = 3600.0
     download_min_bytes_per_s: float = 1024.0
+    # ask for a delta against the active bundle first (edge_agent.fetch); a patch may hold this much
+    # memory, or half of what is available when that is less
+    delta_updates: bool = True
+    delta_patch_memory_bytes: int = DEFAULT_PATCH_MEMORY_BYTES
 
     @property
     def broker_host(self) -> str:
