@@ -17,6 +17,7 @@ import yaml
 
 from edge_agent.auth import read_token
 from edge_agent.broker_tls import BrokerTLS
+from edge_agent.delta import DEFAULT_PATCH_MEMORY_BYTES
 from edge_agent.errors import EdgeDeployError, NotFoundError, ValidationError
 from edge_agent.fleet_messages import DEFAULT_PREFIX, check_device_id
 from edge_agent.serving_config import DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_MAX_REQUEST_BYTES, ServingConfig
@@ -69,6 +70,8 @@ AGENT_CONFIG_SCHEMA: dict[str, Any] = {
         "download_deadline_s": {"type": "number", "exclusiveMinimum": 0},
         "download_min_bytes_per_s": {"type": "number", "minimum": 0},
         "timezone": {"type": "string", "minLength": 1},
+        "delta_updates": {"type": "boolean"},
+        "delta_patch_memory_bytes": {"type": "integer", "minimum": 0},
     },
 }
 
@@ -117,6 +120,10 @@ class AgentConfig:
     download_min_bytes_per_s: float = 1024.0
     # IANA name of the device's local time (maintenance windows); None: the system's zone
     timezone: str | None = None
+    # ask for a delta against the active bundle first (edge_agent.fetch); a patch may hold this much
+    # memory, or half of what is available when that is less
+    delta_updates: bool = True
+    delta_patch_memory_bytes: int = DEFAULT_PATCH_MEMORY_BYTES
 
     @property
     def broker_host(self) -> str:

@@ -4,7 +4,8 @@ It serves every model's active slot over REST and gRPC (each under its own name)
 its desired state over MQTT, accepts it only as a signed order (:mod:`edge_agent.orders`) and runs
 each model's deployment through that model's own state machine::
 
-    download -> verify into the inactive slot -> install under a staging name -> health check
+    download (a delta against the active bundle where the server has one: edge_agent.fetch)
+    -> verify into the inactive slot -> install under a staging name -> health check
     (ready + smoke inference on the bundle's sample) -> switch the live name -> commit
 
 On any failure the live model is the last good one and ``failed`` is reported with the reason.
@@ -30,6 +31,7 @@ from typing import Any
 
 from edge_agent.auth import read_token
 from edge_agent.bundle import BundleManifest, load_extracted, open_bundle, read_manifest
+from edge_agent.delta import DeltaBase, patch_memory_budget
 from edge_agent.errors import DeploymentError, EdgeDeployError, NotFoundError, UnavailableError, ValidationError, brief
 from edge_agent.fleet_messages import BundleRef, DeviceReport, ModelOrder, ModelReport, OrderAction
 from edge_agent.logring import LOG_FORMAT, LogRing
@@ -41,7 +43,8 @@ from edge_agent.trust import ORDERS, TrustStore, load_role_keys
 
 from .config import AgentConfig, load_agent_config
 from .dataplane import DataPlane
-from .download import DownloadLimits, download_bundle
+from .download import DownloadLimits
+from .fetch import fetch_bundle
 from .inference import ModelState
 from .metrics import MetricsRegistry
 from .repository import ModelRepository
@@ -369,8 +372,10 @@ class EdgeAgent:
         limits = DownloadLimits(self.config.max_download_bytes, deadline_s=self.config.download_deadline_s,
                                 min_bytes_per_s=self.config.download_min_bytes_per_s)
         token = read_token(self.config.bundle_token_file) if self.config.bundle_token_file else None
-        path = await asyncio.to_thread(download_bundle, order.bundle_url, order.bundle_sha256,
-                                       store.downloads, limits, abandon=self._superseded.is_set, token=token)
+        path = await asyncio.to_thread(fetch_bundle, order.bundle_url, order.bundle_sha256, store.downloads, limits,
+                                       abandon=self._superseded.is_set, base=self._delta_base(store),
+                                       patch_budget=patch_memory_budget(self.config.delta_patch_memory_bytes),
+                                       token=token)
         self._advance(store, Event.OK)  # -> verifying
         await asyncio.to_thread(self._check_bundle, path, order)
         slot = store.deployment["slot"]
@@ -389,6 +394,14 @@ class EdgeAgent:
                             "model": _model_of(manifest), "deployment_id": order.deployment_id})
         self._advance(store, Event.OK)  # -> active
         path.unlink(missing_ok=True)
+
+    def _delta_base(self, store: BundleStore) -> DeltaBase | None:
+        """The model's active bundle, unpacked, when deltas are on: what a delta for this model applies to."""
+        active = store.active or {}
+        if not self.config.delta_updates or not active.get("bundle_sha256") or not store.slot_complete(
+                active.get("slot")):
+            return None
+        return DeltaBase(active["bundle_sha256"], store.slot_path(active["slot"]))
 
     def _check_bundle(self, path: Path, order: ModelOrder) -> None:
         """Before anything is unpacked: the bundle holds the ordered model, for hardware this device has."""

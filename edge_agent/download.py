@@ -27,7 +27,7 @@ from typing import BinaryIO
 from edge_agent.bundle import bundle_sha256
 from edge_agent.errors import DeploymentError, IntegrityError, ValidationError, brief
 
-__all__ = ["CHUNK_BYTES", "DownloadLimits", "download_bundle", "reclaim_downloads"]
+__all__ = ["CHUNK_BYTES", "DownloadLimits", "check_order", "download_bundle", "fetch_file", "reclaim_downloads"]
 
 log = logging.getLogger(__name__)
 CHUNK_BYTES = 1024 * 1024
@@ -77,7 +77,8 @@ class _Pace:
             self.window_start, self.window_bytes = now, 0
 
 
-def _check_order(url: str, sha256: str) -> None:
+def check_order(url: str, sha256: str) -> None:
+    """ValidationError unless ``url`` is http(s) and ``sha256`` is 64 lower-case hex digits (a file name)."""
     if not isinstance(url, str) or not url.startswith(("http://", "https://")):
         raise ValidationError(f"bundle URL {url!r} is not http(s)")
     if not isinstance(sha256, str) or len(sha256) != 64 or not set(sha256) <= _SHA:
@@ -157,6 +158,23 @@ def reclaim_downloads(folder: Path, keep_sha256: str | None = None) -> int:
     return freed
 
 
+def fetch_file(url: str, part: Path, limits: DownloadLimits | None = None,
+               abandon: Callable[[], bool] | None = None, token: str | None = None) -> None:
+    """Fetch ``url`` into ``part`` under ``limits``, resuming what ``part`` already holds (``token``: bearer).
+
+    Network errors, HTTP errors, a passed deadline, a too slow server and ``abandon()`` raise
+    DeploymentError and keep ``part``; a transfer over the size limit deletes it.
+    """
+    limits = limits or DownloadLimits()
+    try:
+        _fetch(url, part, limits, _Pace(url, limits, abandon), token)
+    except _TooLarge:
+        part.unlink(missing_ok=True)
+        raise
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+        raise DeploymentError(f"download of {url} failed: {exc}; it resumes on the next try") from None
+
+
 def download_bundle(url: str, sha256: str, folder: Path, limits: DownloadLimits | None = None,
                     abandon: Callable[[], bool] | None = None, token: str | None = None) -> Path:
     """Fetch ``url`` into ``folder/<sha256>.edb`` (resuming a ``.part``); IntegrityError on a hash mismatch.
@@ -168,7 +186,7 @@ def download_bundle(url: str, sha256: str, folder: Path, limits: DownloadLimits 
     DeploymentError and keep the ``.part`` file so the next attempt resumes; a transfer over the
     size limit deletes it.
     """
-    _check_order(url, sha256)
+    check_order(url, sha256)
     limits = limits or DownloadLimits()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -177,13 +195,7 @@ def download_bundle(url: str, sha256: str, folder: Path, limits: DownloadLimits 
     if final.is_file() and bundle_sha256(final) == sha256:
         return final
     part = folder / f"{sha256}.part"
-    try:
-        _fetch(url, part, limits, _Pace(url, limits, abandon), token)
-    except _TooLarge:
-        part.unlink(missing_ok=True)
-        raise
-    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
-        raise DeploymentError(f"download of {url} failed: {exc}; it resumes on the next try") from None
+    fetch_file(url, part, limits, abandon, token)
     actual = bundle_sha256(part)
     if actual != sha256:
         part.unlink(missing_ok=True)  # a wrong file cannot be resumed into a right one

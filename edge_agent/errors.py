@@ -13,6 +13,7 @@ __all__ = [
     "AlreadyExistsError",
     "AuthError",
     "BundleError",
+    "DeltaError",
     "DeploymentError",
     "EdgeDeployError",
     "IntegrityError",
@@ -94,6 +95,10 @@ class UnsafeArchiveError(BundleError):
 
 class DeploymentError(EdgeDeployError):
     """A service could not be started, reached or changed on its deploy target."""
+
+
+class DeltaError(BundleError):
+    """A delta cannot rebuild the ordered bundle from the one a device holds; it downloads the whole bundle."""
 
 
 class PackagingError(EdgeDeployError):

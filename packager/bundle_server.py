@@ -7,6 +7,12 @@ The ETag is the sha256, which never changes for a given path. Given a token file
 (``edgedeploy serve --token-file``, :class:`edge_agent.auth.TokenFile`), every request must carry
 ``Authorization: Bearer <token>`` and is answered 401 before anything else otherwise. Errors are
 ``{"error": ...}`` JSON bodies.
+
+``/bundles/<new>.edb.delta/<old>`` is the delta that rebuilds bundle ``<new>`` on a device that holds
+``<old>`` (:mod:`edge_agent.delta`), made on the first request and cached at that path under the store
+(:class:`packager.delta.DeltaCache`), served with the same ranges. When the store lacks either bundle, or
+no delta would be smaller than the bundle, the answer is 404 with ``{"error": ...}``: the device then
+downloads the whole bundle. Each answer with a body is one INFO line with the bytes sent (``-v``).
 """
 
 from __future__ import annotations
@@ -26,12 +32,14 @@ from edge_agent.auth import TokenFile
 from edge_agent.bundle import bundle_sha256
 from edge_agent.errors import AuthError, NotFoundError
 from edge_agent.home import edgedeploy_home
+from packager.delta import DeltaCache
 
 __all__ = ["BundleServer", "bundles_dir", "publish_bundle"]
 
 log = logging.getLogger(__name__)
 
 _PATH = re.compile(r"^/bundles/([0-9a-f]{64})\.edb$")
+_DELTA_PATH = re.compile(r"^/bundles/([0-9a-f]{64})\.edb\.delta/([0-9a-f]{64})$")
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 _CHUNK = 256 * 1024
 
@@ -112,12 +120,23 @@ class _Handler(BaseHTTPRequestHandler):
             except AuthError as exc:
                 self._error(HTTPStatus.UNAUTHORIZED, {"WWW-Authenticate": "Bearer"}, str(exc))
                 return
-        match = _PATH.match(self.path.split("?", 1)[0])
-        if not match:
+        path = self.path.split("?", 1)[0]
+        if delta := _DELTA_PATH.match(path):
+            new, old = delta.groups()
+            try:
+                cached = self.server.deltas.get(new, old)
+            except NotFoundError as exc:
+                log.info("no delta for %s: %s", path, exc)
+                self._error(HTTPStatus.NOT_FOUND, message=str(exc))
+                return
+            self._send_file(cached, f"{new}-{old}", body)
+        elif match := _PATH.match(path):
+            self._send_file(self.server.store / f"{match.group(1)}.edb", match.group(1), body)
+        else:
             self._error(HTTPStatus.NOT_FOUND)
-            return
-        sha = match.group(1)
-        path = self.server.store / f"{sha}.edb"
+
+    def _send_file(self, path: Path, tag: str, body: bool) -> None:
+        """The file at ``path`` (404 when absent), whole or the one range asked for."""
         try:
             handle = open(path, "rb")  # noqa: SIM115 - closed by the with below; 404 needs the try
         except FileNotFoundError:
@@ -127,7 +146,7 @@ class _Handler(BaseHTTPRequestHandler):
             size = os.fstat(handle.fileno()).st_size
             start, end, status = 0, size - 1, HTTPStatus.OK
             header = self.headers.get("Range")
-            if header and self.headers.get("If-Range", f'"{sha}"').strip() == f'"{sha}"':
+            if header and self.headers.get("If-Range", f'"{tag}"').strip() == f'"{tag}"':
                 parsed = _parse_range(header, size)
                 if parsed is None:
                     self._error(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, {"Content-Range": f"bytes */{size}"})
@@ -138,15 +157,17 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(end - start + 1))
             self.send_header("Accept-Ranges", "bytes")
-            self.send_header("ETag", f'"{sha}"')
+            self.send_header("ETag", f'"{tag}"')
             if status == HTTPStatus.PARTIAL_CONTENT:
                 self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
             self.end_headers()
             if body:
-                self._copy(handle, start, end - start + 1)
+                sent = self._copy(handle, start, end - start + 1)
+                log.info("sent %d bytes of %s to %s", sent, self.path.split("?", 1)[0], self.address_string())
 
-    def _copy(self, handle, start: int, remaining: int) -> None:  # type: ignore[no-untyped-def]
+    def _copy(self, handle, start: int, remaining: int) -> int:  # type: ignore[no-untyped-def]
         handle.seek(start)
+        sent = 0
         try:
             while remaining > 0:
                 chunk = handle.read(min(_CHUNK, remaining))
@@ -154,14 +175,17 @@ class _Handler(BaseHTTPRequestHandler):
                     break
                 self.wfile.write(chunk)
                 remaining -= len(chunk)
+                sent += len(chunk)
         except (BrokenPipeError, ConnectionResetError):
             log.debug("client went away during a download")
+        return sent
 
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     store: Path
     tokens: TokenFile | None
+    deltas: DeltaCache
 
 
 class BundleServer:
@@ -177,6 +201,7 @@ class BundleServer:
         self._httpd = _Server((host, port), _Handler)
         self._httpd.store = bundles_dir(home)
         self._httpd.tokens = tokens
+        self._httpd.deltas = DeltaCache(self._httpd.store)
         self._thread: threading.Thread | None = None
 
     @property
