@@ -62,6 +62,8 @@ AGENT_CONFIG_SCHEMA: dict[str, Any] = {
         "mqtt_version": {"enum": list(MQTT_VERSION_NAMES) + [5]},  # YAML reads a bare 5 as a number
         "download_deadline_s": {"type": "number", "exclusiveMinimum": 0},
         "download_min_bytes_per_s": {"type": "number", "minimum": 0},
+        "tuf_root": {"type": ["string", "null"], "minLength": 1},
+        "tuf_metadata_url": {"type": ["string", "null"], "pattern": "^https?://"},
     },
 }
 
@@ -104,6 +106,10 @@ class AgentConfig:
     # a download that takes longer, or runs slower over any 30 s, is abandoned (resumed next time)
     download_deadline_s: float = 3600.0
     download_min_bytes_per_s: float = 1024.0
+    # the TUF root a device starts trusting (edgedeploy repo export-root): with it, a bundle is fetched only
+    # as a target of the repository's signed metadata (edge_agent.tuf_fetch)
+    tuf_root: Path | None = None
+    tuf_metadata_url: str | None = None  # default: metadata/ beside the bundle URL's folder
 
     @property
     def broker_host(self) -> str:
@@ -178,7 +184,7 @@ def parse_agent_config(document: Any, base: Path | None = None, source: str = "a
     values["data_dir"] = path(values["data_dir"])
     values["trusted_keys"] = [path(p) for p in values.get("trusted_keys", [])]
     values["controller_keys"] = [path(p) for p in values.get("controller_keys", [])]
-    for key in ("ca_file", "keys_file"):
+    for key in ("ca_file", "keys_file", "tuf_root"):
         if values.get(key) is not None:
             values[key] = path(values[key])
     values["tags"] = {str(k): str(v) for k, v in (values.get("tags") or {}).items()}

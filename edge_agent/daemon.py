@@ -7,7 +7,9 @@ each model's deployment through that model's own state machine::
     download -> verify into the inactive slot -> install under a staging name -> health check
     (ready + smoke inference on the bundle's sample) -> switch the live name -> commit
 
-On any failure the live model is the last good one and ``failed`` is reported with the reason.
+With ``tuf_root`` set, the download step takes only a target of the repository's signed TUF
+metadata (:mod:`edge_agent.tuf_fetch`). On any failure the live model is the last good one and
+``failed`` is reported with the reason.
 Every transition is persisted first, then published (``reported`` retained, one ``events``). An
 order for one model never touches another; a refused order is one line in the log, in
 ``reported.refused`` and in one ``events`` message (``"to": "refused"``), and changes nothing.
@@ -30,7 +32,7 @@ from edge_agent.bundle import BundleManifest, open_bundle, read_manifest
 from edge_agent.errors import DeploymentError, EdgeDeployError, ValidationError, brief
 from edge_agent.fleet_messages import BundleRef, DeviceReport, ModelOrder, ModelReport, OrderAction
 from edge_agent.orders import OrderGuard, OrderRefused
-from edge_agent.transport import device_transport
+from edge_agent.transport import DeviceTransport, device_transport
 from edge_agent.trust import ORDERS, TrustStore, load_role_keys
 
 from .config import AgentConfig, load_agent_config
@@ -42,6 +44,7 @@ from .repository import ModelRepository
 from .server import ServingApp
 from .store import BundleStore, DeployState, Event, ModelStores
 from .telemetry import TelemetryQueue, sample
+from .tuf_fetch import BundleMetadata, device_metadata
 
 __all__ = ["AGENT_VERSION", "EdgeAgent", "run"]
 
@@ -105,9 +108,13 @@ def order_trust(config: AgentConfig, bundle_trust: TrustStore) -> TrustStore:
 
 
 class EdgeAgent:
-    """One device: serving stack, one bundle store per model, MQTT link and telemetry."""
+    """One device: serving stack, one bundle store per model, MQTT link and telemetry.
 
-    def __init__(self, config: AgentConfig) -> None:
+    ``link`` and ``metadata`` replace the broker link and the TUF client.
+    """
+
+    def __init__(self, config: AgentConfig, link: DeviceTransport | None = None,
+                 metadata: BundleMetadata | None = None) -> None:
         self.config = config
         self.stores = ModelStores(config.data_dir)
         self.trust = TrustStore.from_files(config.trusted_keys)
@@ -117,7 +124,9 @@ class EdgeAgent:
         self.dataplane = DataPlane(self.repository, self.metrics)
         self.app = ServingApp(self.dataplane, config.serving)
         self.telemetry = TelemetryQueue(config.data_dir / "telemetry", config.telemetry_queue_max)
-        self.link = device_transport(config.broker)(config, self._on_desired_thread, self._on_connected_thread)
+        self.metadata = metadata or device_metadata(config)  # TUF; None without tuf_root
+        self.link = link or device_transport(config.broker)(config, self._on_desired_thread,
+                                                            self._on_connected_thread)
         self.live: set[str] = set()  # model names served under their own name
         self.refused: str | None = None
         self._pending: dict[str, ModelOrder] = {}
@@ -291,10 +300,7 @@ class EdgeAgent:
 
     async def _deploy(self, store: BundleStore, order: ModelOrder) -> None:
         self._check_downgrade(store, {"name": order.name, "version": order.version}, order)
-        limits = DownloadLimits(self.config.max_download_bytes, deadline_s=self.config.download_deadline_s,
-                                min_bytes_per_s=self.config.download_min_bytes_per_s)
-        path = await asyncio.to_thread(download_bundle, order.bundle_url, order.bundle_sha256,
-                                       store.downloads, limits, abandon=self._superseded.is_set)
+        path = await asyncio.to_thread(self._download, store, order)
         self._advance(store, Event.OK)  # -> verifying
         await asyncio.to_thread(self._check_bundle, path, order)
         slot = store.deployment["slot"]
@@ -312,6 +318,17 @@ class EdgeAgent:
                             "model": _model_of(manifest), "deployment_id": order.deployment_id})
         self._advance(store, Event.OK)  # -> active
         path.unlink(missing_ok=True)
+
+    def _download(self, store: BundleStore, order: ModelOrder) -> Path:
+        """The ordered bundle in ``downloads/``; with tuf_root, only as the TUF target the metadata lists."""
+        target = self.metadata.target(order.bundle_sha256, order.bundle_url) if self.metadata else None
+        limits = DownloadLimits(self.config.max_download_bytes, deadline_s=self.config.download_deadline_s,
+                                min_bytes_per_s=self.config.download_min_bytes_per_s)
+        path = download_bundle(order.bundle_url, order.bundle_sha256, store.downloads, limits,
+                               abandon=self._superseded.is_set, length=target.length if target else None)
+        if target is not None:
+            target.verify(path)
+        return path
 
     def _check_bundle(self, path: Path, order: ModelOrder) -> None:
         """Before anything is unpacked: the bundle holds the ordered model, for hardware this device has."""

@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -77,11 +77,14 @@ class _Pace:
             self.window_start, self.window_bytes = now, 0
 
 
-def _check_order(url: str, sha256: str) -> None:
-    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-        raise ValidationError(f"bundle URL {url!r} is not http(s)")
+def _check_sha(sha256: str) -> None:
     if not isinstance(sha256, str) or len(sha256) != 64 or not set(sha256) <= _SHA:
         raise ValidationError(f"bundle sha256 {sha256!r} is not 64 lowercase hex digits")
+
+
+def _check_url(url: str) -> None:
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise ValidationError(f"bundle URL {url!r} is not http(s)")
 
 
 def _set_timeout(response: http.client.HTTPResponse, seconds: float) -> None:
@@ -155,27 +158,36 @@ def reclaim_downloads(folder: Path, keep_sha256: str | None = None) -> int:
 
 
 def download_bundle(url: str, sha256: str, folder: Path, limits: DownloadLimits | None = None,
-                    abandon: Callable[[], bool] | None = None) -> Path:
+                    abandon: Callable[[], bool] | None = None, length: int | None = None) -> Path:
     """Fetch ``url`` into ``folder/<sha256>.edb`` (resuming a ``.part``); IntegrityError on a hash mismatch.
 
-    A finished file already present is reused; other orders' files are deleted first. Network
-    errors, a passed deadline, a too slow server and ``abandon()`` turning true raise
-    DeploymentError and keep the ``.part`` file so the next attempt resumes; a transfer over the
-    size limit deletes it.
+    A finished file already present is reused (an offline install puts it there); other orders'
+    files are deleted first. Network errors, a passed deadline, a too slow server and ``abandon()``
+    turning true raise DeploymentError and keep the ``.part`` file so the next attempt resumes; a
+    transfer over the size limit deletes it. ``length`` is the exact size the bundle must have (its
+    TUF target's, :mod:`edge_agent.tuf_fetch`): a body that runs past it is refused as it arrives.
     """
-    _check_order(url, sha256)
+    _check_sha(sha256)
     limits = limits or DownloadLimits()
+    if length is not None:
+        if length > limits.max_bytes:
+            raise _TooLarge(f"bundle {sha256} is {length} bytes by its TUF target, over the {limits.max_bytes} limit")
+        limits = replace(limits, max_bytes=length)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     reclaim_downloads(folder, sha256)
     final = folder / f"{sha256}.edb"
     if final.is_file() and bundle_sha256(final) == sha256:
         return final
+    _check_url(url)
     part = folder / f"{sha256}.part"
     try:
         _fetch(url, part, limits, _Pace(url, limits, abandon))
     except _TooLarge:
         part.unlink(missing_ok=True)
+        if length is not None:
+            raise IntegrityError(f"refused: bundle at {url} runs past the {length} bytes its TUF target lists "
+                                 "(endless data)") from None
         raise
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
         raise DeploymentError(f"download of {url} failed: {exc}; it resumes on the next try") from None

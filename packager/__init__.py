@@ -36,6 +36,7 @@ from edge_agent.errors import (
     SignatureError,
     UnsafeArchiveError,
     UntrustedKeyError,
+    UpdateMetadataError,
     UsageError,
     ValidationError,
 )
@@ -74,6 +75,8 @@ _LAZY = {
     "FleetController": "packager.fleet",
     "BundleServer": "packager.bundle_server",
     "publish_bundle": "packager.bundle_server",
+    # delivery: TUF repository metadata (edgedeploy repo, keys rotate)
+    "TufRepository": "packager.tuf_repo",
 }
 
 __all__ = [
@@ -92,6 +95,7 @@ __all__ = [
     "SignatureError",
     "UnsafeArchiveError",
     "UntrustedKeyError",
+    "UpdateMetadataError",
     "UsageError",
     "ValidationError",
     "__version__",

@@ -1,9 +1,16 @@
-"""A plain HTTP server that hands bundles to devices (``edgedeploy serve``).
+"""A plain HTTP server that hands bundles and their TUF metadata to devices (``edgedeploy serve``).
 
 Bundles are stored content-addressed as ``EDGEDEPLOY_HOME/bundles/<sha256>.edb`` and served at
-``/bundles/<sha256>.edb``. GET and HEAD are supported, with single ``Range: bytes=a-b`` requests
-(206 + Content-Range; 416 for a range outside the file) so a device can resume a cut download.
-The ETag is the sha256, which never changes for a given path.
+``/bundles/<sha256>.edb``; the TUF repository's files (:mod:`packager.tuf_repo`) are served from
+``EDGEDEPLOY_HOME/metadata/`` at ``/metadata/<name>.json``. Nothing else is served: the two folders
+are plain files, so any static HTTP server or object store hosting them side by side does the same.
+GET and HEAD are supported, with single ``Range: bytes=a-b`` requests (206 + Content-Range; 416
+for a range outside the file) so a device can resume a cut download. A bundle's ETag is its
+sha256, which never changes for a given path; versioned metadata (``3.targets.json``) never
+changes either and may be cached for good, while ``timestamp.json`` and ``root.json`` must not be.
+
+Publishing a bundle into the store also lists it as a TUF target when a repository exists there
+(``edgedeploy repo init``), so ``fleet rollout`` and ``repo add`` leave devices nothing unsigned.
 """
 
 from __future__ import annotations
@@ -21,12 +28,14 @@ from edge_agent.atomic import fsync_dir
 from edge_agent.bundle import bundle_sha256
 from edge_agent.errors import NotFoundError
 from edge_agent.home import edgedeploy_home
+from packager.tuf_repo import TufRepository, metadata_dir, repository_exists
 
 __all__ = ["BundleServer", "bundles_dir", "publish_bundle"]
 
 log = logging.getLogger(__name__)
 
 _PATH = re.compile(r"^/bundles/([0-9a-f]{64})\.edb$")
+_METADATA = re.compile(r"^/metadata/((?:[0-9]+\.)?(?:root|timestamp|snapshot|targets)\.json)$")
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 _CHUNK = 256 * 1024
 
@@ -39,7 +48,8 @@ def bundles_dir(home: Path | None = None) -> Path:
 
 
 def publish_bundle(path: Path, home: Path | None = None) -> tuple[str, str]:
-    """Copy a bundle into the store under its sha256; returns (sha256, url path). Idempotent."""
+    """Copy a bundle into the store under its sha256 (and list it as a TUF target when a repository
+    exists); returns (sha256, url path). Idempotent."""
     path = Path(path)
     if not path.is_file():
         raise NotFoundError(f"bundle {path} does not exist: give the path of a .edb file")
@@ -53,6 +63,8 @@ def publish_bundle(path: Path, home: Path | None = None) -> tuple[str, str]:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
         fsync_dir(folder)
+    if repository_exists(home):
+        TufRepository.open(home).add_bundle(target)
     return sha, f"/bundles/{sha}.edb"
 
 
@@ -75,7 +87,7 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    """Serves ``/bundles/<sha256>.edb`` from the server's store."""
+    """Serves ``/bundles/<sha256>.edb`` from the server's store and ``/metadata/*.json`` beside it."""
 
     server: _Server
     protocol_version = "HTTP/1.1"
@@ -100,13 +112,25 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(data)
 
+    def _resolve(self, url_path: str) -> tuple[Path, str, dict[str, str]] | None:
+        """(file, content type, extra headers) for a served path; None for anything else."""
+        match = _PATH.match(url_path)
+        if match:
+            sha = match.group(1)
+            return self.server.store / f"{sha}.edb", "application/octet-stream", {"ETag": f'"{sha}"'}
+        match = _METADATA.match(url_path)
+        if match:
+            name = match.group(1)
+            cache = "no-cache" if name in ("timestamp.json", "root.json") else "public, max-age=31536000, immutable"
+            return self.server.metadata / name, "application/json", {"Cache-Control": cache}
+        return None
+
     def _serve(self, body: bool) -> None:
-        match = _PATH.match(self.path.split("?", 1)[0])
-        if not match:
+        found = self._resolve(self.path.split("?", 1)[0])
+        if found is None:
             self._error(HTTPStatus.NOT_FOUND)
             return
-        sha = match.group(1)
-        path = self.server.store / f"{sha}.edb"
+        path, content_type, extra = found
         try:
             handle = open(path, "rb")  # noqa: SIM115 - closed by the with below; 404 needs the try
         except FileNotFoundError:
@@ -115,8 +139,8 @@ class _Handler(BaseHTTPRequestHandler):
         with handle:
             size = os.fstat(handle.fileno()).st_size
             start, end, status = 0, size - 1, HTTPStatus.OK
-            header = self.headers.get("Range")
-            if header and self.headers.get("If-Range", f'"{sha}"').strip() == f'"{sha}"':
+            header, etag = self.headers.get("Range"), extra.get("ETag")
+            if header and (etag is None or self.headers.get("If-Range", etag).strip() == etag):
                 parsed = _parse_range(header, size)
                 if parsed is None:
                     self._error(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, {"Content-Range": f"bytes */{size}"})
@@ -124,10 +148,11 @@ class _Handler(BaseHTTPRequestHandler):
                 start, end = parsed
                 status = HTTPStatus.PARTIAL_CONTENT
             self.send_response(status)
-            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(end - start + 1))
             self.send_header("Accept-Ranges", "bytes")
-            self.send_header("ETag", f'"{sha}"')
+            for key, value in extra.items():
+                self.send_header(key, value)
             if status == HTTPStatus.PARTIAL_CONTENT:
                 self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
             self.end_headers()
@@ -150,6 +175,7 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     store: Path
+    metadata: Path
 
 
 class BundleServer:
@@ -159,6 +185,7 @@ class BundleServer:
         self._host = host
         self._httpd = _Server((host, port), _Handler)
         self._httpd.store = bundles_dir(home)
+        self._httpd.metadata = metadata_dir(home)
         self._thread: threading.Thread | None = None
 
     @property

@@ -1,4 +1,4 @@
-"""``edgedeploy serve``: the HTTP bundle server devices download from."""
+"""``edgedeploy serve``: the HTTP bundle server devices download bundles and TUF metadata from."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from packager.bundle_server import BundleServer, bundles_dir
+from packager.tuf_repo import repository_exists
 
 __all__ = ["register"]
 
@@ -21,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _serve(args: argparse.Namespace) -> int:
     server = BundleServer(args.host, args.port)
     # One line on stdout so scripts (and the e2e fixture) learn the port that was bound.
-    print(f"serving {bundles_dir()} at {server.url}/bundles/", flush=True)
+    metadata = f" and its TUF metadata at {server.url}/metadata/" if repository_exists() else ""
+    print(f"serving {bundles_dir()} at {server.url}/bundles/{metadata}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
