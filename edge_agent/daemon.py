@@ -13,6 +13,8 @@ metadata (:mod:`edge_agent.tuf_fetch`). On any failure the live model is the las
 Every transition is persisted first, then published (``reported`` retained, one ``events``). An
 order for one model never touches another; a refused order is one line in the log, in
 ``reported.refused`` and in one ``events`` message (``"to": "refused"``), and changes nothing.
+The daemon holds ``data_dir``'s lock while it runs; events an offline install left in the outbox
+(:mod:`edge_agent.outbox`) go out on each connection, after the reported state.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from .dataplane import DataPlane
 from .download import DownloadLimits, download_bundle
 from .inference import ModelState
 from .metrics import MetricsRegistry
+from .outbox import DataDirLock, event_outbox
 from .repository import ModelRepository
 from .server import ServingApp
 from .store import BundleStore, DeployState, Event, ModelStores
@@ -110,7 +113,8 @@ def order_trust(config: AgentConfig, bundle_trust: TrustStore) -> TrustStore:
 class EdgeAgent:
     """One device: serving stack, one bundle store per model, MQTT link and telemetry.
 
-    ``link`` and ``metadata`` replace the broker link and the TUF client.
+    ``link`` and ``metadata`` replace the broker link and the TUF client (an offline install
+    passes an outbox and the metadata of its folder).
     """
 
     def __init__(self, config: AgentConfig, link: DeviceTransport | None = None,
@@ -124,6 +128,7 @@ class EdgeAgent:
         self.dataplane = DataPlane(self.repository, self.metrics)
         self.app = ServingApp(self.dataplane, config.serving)
         self.telemetry = TelemetryQueue(config.data_dir / "telemetry", config.telemetry_queue_max)
+        self.outbox = event_outbox(config.data_dir)
         self.metadata = metadata or device_metadata(config)  # TUF; None without tuf_root
         self.link = link or device_transport(config.broker)(config, self._on_desired_thread,
                                                             self._on_connected_thread)
@@ -178,6 +183,7 @@ class EdgeAgent:
 
     def _on_connected(self) -> None:
         self.publish_reported()
+        self.outbox.drain(lambda event: self.link.connected.is_set() and self.link.publish("events", event))
         self._drain_telemetry()
 
     def model_report(self, name: str, store: BundleStore) -> ModelReport:
@@ -266,6 +272,9 @@ class EdgeAgent:
             self.publish_reported()
             return True
         deployment = store.deployment
+        if order.deployment_id in deployment.get("supersedes", ()):  # an offline install replaced it
+            self.publish_reported()
+            return True
         same = (deployment.get("deployment_id") == order.deployment_id
                 and (deployment.get("order") or {}).get("bundle_sha256") == order.bundle_sha256)
         gave_up = store.state in (DeployState.FAILED, DeployState.ROLLED_BACK)
@@ -455,6 +464,7 @@ class EdgeAgent:
 
     async def run(self) -> int:
         """Recover, serve, connect and work until :meth:`stop`; returns the exit code."""
+        lock = DataDirLock(self.config.data_dir, f"the edge agent daemon {self.config.device_id}").acquire()
         self._loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self.stop)
@@ -483,6 +493,7 @@ class EdgeAgent:
             await self.repository.close()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._loop.remove_signal_handler(sig)
+            lock.release()
         log.info("edge agent %s stopped", self.config.device_id)
         return 0
 

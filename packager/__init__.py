@@ -75,8 +75,9 @@ _LAZY = {
     "FleetController": "packager.fleet",
     "BundleServer": "packager.bundle_server",
     "publish_bundle": "packager.bundle_server",
-    # delivery: TUF repository metadata (edgedeploy repo, keys rotate)
+    # delivery: TUF repository metadata (edgedeploy repo, keys rotate) and offline export
     "TufRepository": "packager.tuf_repo",
+    "export_offline": "packager.offline",
 }
 
 __all__ = [
