@@ -72,6 +72,8 @@ AGENT_CONFIG_SCHEMA: dict[str, Any] = {
         "timezone": {"type": "string", "minLength": 1},
         "delta_updates": {"type": "boolean"},
         "delta_patch_memory_bytes": {"type": "integer", "minimum": 0},
+        "tuf_root": {"type": ["string", "null"], "minLength": 1},
+        "tuf_metadata_url": {"type": ["string", "null"], "pattern": "^https?://"},
     },
 }
 
@@ -124,6 +126,10 @@ class AgentConfig:
     # memory, or half of what is available when that is less
     delta_updates: bool = True
     delta_patch_memory_bytes: int = DEFAULT_PATCH_MEMORY_BYTES
+    # the TUF root a device starts trusting (edgedeploy repo export-root): with it, a bundle is fetched only
+    # as a target of the repository's signed metadata (edge_agent.tuf_fetch)
+    tuf_root: Path | None = None
+    tuf_metadata_url: str | None = None  # default: metadata/ beside the bundle URL's folder
 
     @property
     def broker_host(self) -> str:
@@ -208,7 +214,7 @@ def parse_agent_config(document: Any, base: Path | None = None, source: str = "a
     values["data_dir"] = path(values["data_dir"])
     values["trusted_keys"] = [path(p) for p in values.get("trusted_keys", [])]
     values["controller_keys"] = [path(p) for p in values.get("controller_keys", [])]
-    for key in ("ca_file", "keys_file", "tls_cert", "tls_key", "bundle_token_file"):
+    for key in ("ca_file", "keys_file", "tls_cert", "tls_key", "bundle_token_file", "tuf_root"):
         if values.get(key) is not None:
             values[key] = path(values[key])
     values["tags"] = {str(k): str(v) for k, v in (values.get("tags") or {}).items()}

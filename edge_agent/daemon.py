@@ -8,12 +8,17 @@ each model's deployment through that model's own state machine::
     -> verify into the inactive slot -> install under a staging name -> health check
     (ready + smoke inference on the bundle's sample) -> switch the live name -> commit
 
-On any failure the live model is the last good one and ``failed`` is reported with the reason.
+With ``tuf_root`` set, the download step takes only a target of the repository's signed TUF
+metadata (:mod:`edge_agent.tuf_fetch`). On any failure the live model is the last good one and
+``failed`` is reported with the reason.
 Every transition is persisted first, then published (``reported`` retained, one ``events``). An
 order for one model never touches another; a refused order is one line in the log, in
 ``reported.refused`` and in one ``events`` message (``"to": "refused"``), and changes nothing.
 Requests (logs, a model's run-time parameters, a restart) are answered by :mod:`edge_agent.operations`;
 whatever replaces or reconfigures a serving instance holds ``instances``, one at a time.
+
+The daemon holds ``data_dir``'s lock while it runs; events an offline install left in the outbox
+(:mod:`edge_agent.outbox`) go out on each connection, after the reported state.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from edge_agent.logring import LOG_FORMAT, LogRing
 from edge_agent.operations import ModelParams, Operations, RequestGuard
 from edge_agent.orders import OrderGuard, OrderRefused
 from edge_agent.timezones import local_zone_name, utc_offset_min
-from edge_agent.transport import device_transport
+from edge_agent.transport import DeviceTransport, device_transport
 from edge_agent.trust import ORDERS, TrustStore, load_role_keys
 
 from .config import AgentConfig, load_agent_config
@@ -47,10 +52,12 @@ from .download import DownloadLimits
 from .fetch import fetch_bundle
 from .inference import ModelState
 from .metrics import MetricsRegistry
+from .outbox import DataDirLock, event_outbox
 from .repository import ModelRepository
 from .server import ServingApp
 from .store import IN_PROGRESS, BundleStore, DeployState, Event, ModelStores
 from .telemetry import TelemetryQueue, sample
+from .tuf_fetch import BundleMetadata, device_metadata
 
 __all__ = ["AGENT_VERSION", "EdgeAgent", "run"]
 
@@ -115,9 +122,14 @@ def order_trust(config: AgentConfig, bundle_trust: TrustStore) -> TrustStore:
 
 
 class EdgeAgent:
-    """One device: serving stack, one bundle store per model, MQTT link and telemetry."""
+    """One device: serving stack, one bundle store per model, MQTT link and telemetry.
 
-    def __init__(self, config: AgentConfig) -> None:
+    ``link`` and ``metadata`` replace the broker link and the TUF client (an offline install
+    passes an outbox and the metadata of its folder).
+    """
+
+    def __init__(self, config: AgentConfig, link: DeviceTransport | None = None,
+                 metadata: BundleMetadata | None = None) -> None:
         self.config = config
         self.stores = ModelStores(config.data_dir)
         self.trust = TrustStore.from_files(config.trusted_keys)
@@ -133,10 +145,13 @@ class EdgeAgent:
         self.operations = Operations(
             config.device_id, RequestGuard(config.device_id, controller_trust, config.data_dir / "requests.json"),
             self.params, self.logs, self, self._send)
-        self.link = device_transport(config.broker)(config, self._on_desired_thread, self._on_connected_thread,
-                                                    on_request=self._on_request_thread)
+        self.link = link or device_transport(config.broker)(config, self._on_desired_thread,
+                                                            self._on_connected_thread,
+                                                            on_request=self._on_request_thread)
         self.timezone = config.timezone or local_zone_name()
         self.instances = asyncio.Lock()  # held while a serving instance is replaced or reconfigured
+        self.outbox = event_outbox(config.data_dir)
+        self.metadata = metadata or device_metadata(config)  # TUF; None without tuf_root
         self.live: set[str] = set()  # model names served under their own name
         self.refused: str | None = None
         self._pending: dict[str, ModelOrder] = {}
@@ -195,6 +210,7 @@ class EdgeAgent:
 
     def _on_connected(self) -> None:
         self.publish_reported()
+        self.outbox.drain(lambda event: self.link.connected.is_set() and self.link.publish("events", event))
         self._drain_telemetry()
 
     def model_report(self, name: str, store: BundleStore) -> ModelReport:
@@ -335,6 +351,9 @@ class EdgeAgent:
             self.publish_reported()
             return True
         deployment = store.deployment
+        if order.deployment_id in deployment.get("supersedes", ()):  # an offline install replaced it
+            self.publish_reported()
+            return True
         same = (deployment.get("deployment_id") == order.deployment_id
                 and (deployment.get("order") or {}).get("bundle_sha256") == order.bundle_sha256)
         gave_up = store.state in (DeployState.FAILED, DeployState.ROLLED_BACK)
@@ -369,13 +388,7 @@ class EdgeAgent:
 
     async def _deploy(self, store: BundleStore, order: ModelOrder) -> None:
         self._check_downgrade(store, {"name": order.name, "version": order.version}, order)
-        limits = DownloadLimits(self.config.max_download_bytes, deadline_s=self.config.download_deadline_s,
-                                min_bytes_per_s=self.config.download_min_bytes_per_s)
-        token = read_token(self.config.bundle_token_file) if self.config.bundle_token_file else None
-        path = await asyncio.to_thread(fetch_bundle, order.bundle_url, order.bundle_sha256, store.downloads, limits,
-                                       abandon=self._superseded.is_set, base=self._delta_base(store),
-                                       patch_budget=patch_memory_budget(self.config.delta_patch_memory_bytes),
-                                       token=token)
+        path = await asyncio.to_thread(self._download, store, order)
         self._advance(store, Event.OK)  # -> verifying
         await asyncio.to_thread(self._check_bundle, path, order)
         slot = store.deployment["slot"]
@@ -402,6 +415,24 @@ class EdgeAgent:
                 active.get("slot")):
             return None
         return DeltaBase(active["bundle_sha256"], store.slot_path(active["slot"]))
+
+    def _download(self, store: BundleStore, order: ModelOrder) -> Path:
+        """The ordered bundle in ``downloads/``, rebuilt from a delta or downloaded whole.
+
+        With tuf_root, only as the TUF target the metadata lists: its length bounds the download and
+        its hashes are checked on whatever arrived (a rebuilt bundle included).
+        """
+        target = self.metadata.target(order.bundle_sha256, order.bundle_url) if self.metadata else None
+        limits = DownloadLimits(self.config.max_download_bytes, deadline_s=self.config.download_deadline_s,
+                                min_bytes_per_s=self.config.download_min_bytes_per_s)
+        token = read_token(self.config.bundle_token_file) if self.config.bundle_token_file else None
+        path = fetch_bundle(order.bundle_url, order.bundle_sha256, store.downloads, limits,
+                            abandon=self._superseded.is_set, base=self._delta_base(store),
+                            patch_budget=patch_memory_budget(self.config.delta_patch_memory_bytes),
+                            token=token, length=target.length if target else None)
+        if target is not None:
+            target.verify(path)
+        return path
 
     def _check_bundle(self, path: Path, order: ModelOrder) -> None:
         """Before anything is unpacked: the bundle holds the ordered model, for hardware this device has."""
@@ -530,13 +561,14 @@ class EdgeAgent:
 
     async def run(self) -> int:
         """Recover, serve, connect and work until :meth:`stop`; returns the exit code."""
+        lock = DataDirLock(self.config.data_dir, f"the edge agent daemon {self.config.device_id}").acquire()
         logging.getLogger().addHandler(self.logs)  # what a `logs` request reads
         try:
-            return await self._run()
+            return await self._run(lock)
         finally:
             logging.getLogger().removeHandler(self.logs)
 
-    async def _run(self) -> int:
+    async def _run(self, lock: DataDirLock) -> int:
         self._loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self.stop)
@@ -566,6 +598,7 @@ class EdgeAgent:
             await self.repository.close()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._loop.remove_signal_handler(sig)
+            lock.release()
         log.info("edge agent %s stopped", self.config.device_id)
         return 0
 

@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -79,10 +79,18 @@ class _Pace:
 
 def check_order(url: str, sha256: str) -> None:
     """ValidationError unless ``url`` is http(s) and ``sha256`` is 64 lower-case hex digits (a file name)."""
-    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-        raise ValidationError(f"bundle URL {url!r} is not http(s)")
+    _check_url(url)
+    _check_sha(sha256)
+
+
+def _check_sha(sha256: str) -> None:
     if not isinstance(sha256, str) or len(sha256) != 64 or not set(sha256) <= _SHA:
         raise ValidationError(f"bundle sha256 {sha256!r} is not 64 lowercase hex digits")
+
+
+def _check_url(url: str) -> None:
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise ValidationError(f"bundle URL {url!r} is not http(s)")
 
 
 def _set_timeout(response: http.client.HTTPResponse, seconds: float) -> None:
@@ -176,26 +184,39 @@ def fetch_file(url: str, part: Path, limits: DownloadLimits | None = None,
 
 
 def download_bundle(url: str, sha256: str, folder: Path, limits: DownloadLimits | None = None,
-                    abandon: Callable[[], bool] | None = None, token: str | None = None) -> Path:
+                    abandon: Callable[[], bool] | None = None, token: str | None = None,
+                    length: int | None = None) -> Path:
     """Fetch ``url`` into ``folder/<sha256>.edb`` (resuming a ``.part``); IntegrityError on a hash mismatch.
 
     ``token`` goes as ``Authorization: Bearer`` (``edgedeploy serve --token-file``).
 
-    A finished file already present is reused; other orders' files are deleted first. Network
-    errors, a passed deadline, a too slow server and ``abandon()`` turning true raise
-    DeploymentError and keep the ``.part`` file so the next attempt resumes; a transfer over the
-    size limit deletes it.
+    A finished file already present is reused (an offline install puts it there); other orders'
+    files are deleted first. Network errors, a passed deadline, a too slow server and ``abandon()``
+    turning true raise DeploymentError and keep the ``.part`` file so the next attempt resumes; a
+    transfer over the size limit deletes it. ``length`` is the exact size the bundle must have (its
+    TUF target's, :mod:`edge_agent.tuf_fetch`): a body that runs past it is refused as it arrives.
     """
-    check_order(url, sha256)
+    _check_sha(sha256)
     limits = limits or DownloadLimits()
+    if length is not None:
+        if length > limits.max_bytes:
+            raise _TooLarge(f"bundle {sha256} is {length} bytes by its TUF target, over the {limits.max_bytes} limit")
+        limits = replace(limits, max_bytes=length)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     reclaim_downloads(folder, sha256)
     final = folder / f"{sha256}.edb"
     if final.is_file() and bundle_sha256(final) == sha256:
         return final
+    _check_url(url)
     part = folder / f"{sha256}.part"
-    fetch_file(url, part, limits, abandon, token)
+    try:
+        fetch_file(url, part, limits, abandon, token)
+    except _TooLarge:
+        if length is not None:
+            raise IntegrityError(f"refused: bundle at {url} runs past the {length} bytes its TUF target lists "
+                                 "(endless data)") from None
+        raise
     actual = bundle_sha256(part)
     if actual != sha256:
         part.unlink(missing_ok=True)  # a wrong file cannot be resumed into a right one

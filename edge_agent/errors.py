@@ -26,6 +26,7 @@ __all__ = [
     "PayloadTooLargeError",
     "SignatureError",
     "UnsafeArchiveError",
+    "UpdateMetadataError",
     "UntrustedKeyError",
     "UnavailableError",
     "UsageError",
@@ -91,6 +92,11 @@ class IntegrityError(BundleError):
 
 class UnsafeArchiveError(BundleError):
     """The archive holds an entry that could escape or abuse its target folder."""
+
+
+class UpdateMetadataError(BundleError):
+    """The repository's signed update metadata (TUF) is expired, older than what was seen, inconsistent,
+    oversized or not signed by enough trusted keys, or does not list the bundle: nothing was trusted."""
 
 
 class DeploymentError(EdgeDeployError):

@@ -40,7 +40,7 @@ def delta_url(bundle_url: str, base_sha256: str) -> str:
 
 def fetch_bundle(url: str, sha256: str, folder: Path, limits: DownloadLimits | None = None,
                  abandon: Callable[[], bool] | None = None, base: DeltaBase | None = None,
-                 patch_budget: int | None = None, token: str | None = None) -> Path:
+                 patch_budget: int | None = None, token: str | None = None, length: int | None = None) -> Path:
     """``folder/<sha256>.edb`` rebuilt from a delta against ``base`` when one works, else downloaded whole.
 
     Raises what :func:`~edge_agent.download.download_bundle` raises; a failed delta never does (it is
@@ -56,7 +56,7 @@ def fetch_bundle(url: str, sha256: str, folder: Path, limits: DownloadLimits | N
                 raise
             log.info("no delta update to bundle %s from %s (%s): downloading the whole bundle", sha256[:12],
                      base.bundle_sha256[:12], brief(exc, 300))
-    return download_bundle(url, sha256, folder, limits, abandon, token)
+    return download_bundle(url, sha256, folder, limits, abandon, token, length)
 
 
 def _rebuild(url: str, sha256: str, folder: Path, limits: DownloadLimits, abandon: Callable[[], bool] | None,

@@ -1,4 +1,4 @@
-"""``edgedeploy serve``: the HTTP bundle server devices download from."""
+"""``edgedeploy serve``: the HTTP bundle server devices download bundles and TUF metadata from."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 from edge_agent.auth import create_token_file
 from packager.bundle_server import BundleServer, bundles_dir
+from packager.tuf_repo import repository_exists
 
 __all__ = ["register"]
 
@@ -28,7 +29,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"wrote a new token to {args.token_file}: give devices a copy (bundle_token_file)", file=sys.stderr)
     server = BundleServer(args.host, args.port, token_file=args.token_file)
     # One line on stdout so scripts (and the e2e fixture) learn the port that was bound.
-    print(f"serving {bundles_dir()} at {server.url}/bundles/", flush=True)
+    metadata = f" and its TUF metadata at {server.url}/metadata/" if repository_exists() else ""
+    print(f"serving {bundles_dir()} at {server.url}/bundles/{metadata}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
