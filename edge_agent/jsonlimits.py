@@ -24,6 +24,8 @@ _OPEN = frozenset(b"[{")
 
 def check_depth(data: bytes, max_depth: int = DEFAULT_MAX_DEPTH, what: str = "JSON document") -> None:
     """Raise ValidationError when ``data`` nests arrays/objects more than ``max_depth`` deep."""
+    if data.count(b"[") + data.count(b"{") <= max_depth:
+        return  # too few brackets to nest that deep, strings or not: the common case, at C speed
     depth = 0
     for match in _TOKENS.finditer(data):
         char = match.group()[0]

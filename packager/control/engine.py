@@ -69,6 +69,7 @@ ORDER_BATCH = 2000          # orders signed and published per tick, so the API i
 TERMINAL = ("succeeded", "rolled-back", "failed", "superseded")
 FAILED_STATES = (DeployState.FAILED, DeployState.ROLLED_BACK)
 PRUNE_EVERY_S = 3600.0
+BULK_FLUSH_S = 1.0          # device rows, telemetry and device events are written at most this often
 
 
 class _EngineLink(MQTTControllerLink):
@@ -259,6 +260,7 @@ class ControlPlane:
         self._key: Any = None
         self._trust: TrustStore | None = None
         self._last_prune = 0.0
+        self._last_bulk = 0.0
         self._ops: Any = None
         self._pending_removals: list[tuple[str, str]] = []   # (device, model) that no deployment matches now
 
@@ -281,6 +283,8 @@ class ControlPlane:
         if self.link is not None:
             self.link.close()
         if self.leading:
+            with self.lock:
+                self._flush()
             self.store.release_lead()
             self.leading = False
 
@@ -354,7 +358,7 @@ class ControlPlane:
                 if rollout.open:
                     busy |= self._step(rollout, now, sends)
             orders = self._sign(sends)
-            self._flush()
+            self._flush(everything=False)
         if orders:
             self.link.publish_desired_many(orders)  # outside the lock: the API stays responsive
         if time.time() - self._last_prune > PRUNE_EVERY_S:
@@ -400,8 +404,15 @@ class ControlPlane:
                 if entry is not None and entry["state"] == "updating":
                     self._record(rollout, device_id, report, now)
 
-    def _flush(self) -> None:
-        if self._dirty_devices:
+    def _flush(self, everything: bool = True) -> None:
+        """Write what changed. Rollout rows and documents go every time (an order is on record before it
+        leaves); device rows, telemetry and device events, which only a restart reads back and which
+        change several times per update, at most every :data:`BULK_FLUSH_S` unless ``everything``."""
+        now = time.monotonic()
+        bulk = everything or now - self._last_bulk >= BULK_FLUSH_S
+        if bulk:
+            self._last_bulk = now
+        if bulk and self._dirty_devices:
             self.store.upsert_devices([self._devices[d] for d in self._dirty_devices if d in self._devices])
             self._dirty_devices.clear()
         for rollout in self._rollouts.values():
@@ -413,10 +424,10 @@ class ControlPlane:
                 rollout.doc["updated"] = time.time()
                 self.store.put_rollout(rollout.rollout_id, rollout.doc)
                 rollout.doc_dirty = False
-        if self._telemetry:
+        if bulk and self._telemetry:
             self.store.add_telemetry(self._telemetry)
             self._telemetry = []
-        if self._events:
+        if bulk and self._events:
             self.store.add_events(self._events)
             self._events = []
 
@@ -726,7 +737,7 @@ class ControlPlane:
             current = self._current_order(device_id)
             floors[device_id] = max(current.seq if current and current.seq is not None else -1,
                                     report["last_seq"] if isinstance(report.get("last_seq"), int) else -1)
-        self._flush()  # the rows say "updating" in the store before any order leaves
+        self._flush(everything=False)  # the rows say "updating" in the store before any order leaves
         seqs = self.store.next_sequences(floors)
         expires = time.time() + self.order_ttl_s
         messages: dict[str, dict[str, Any]] = {}
