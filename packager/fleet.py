@@ -50,6 +50,9 @@ __all__ = [
     "DEFAULT_BROKER",
     "DeviceSelector",
     "FleetController",
+    "compose_desired",
+    "device_row",
+    "own_order",
     "RolloutPlan",
     "SequenceCounter",
     "parse_fraction",
@@ -75,6 +78,63 @@ def model_report(report: dict[str, Any] | None, name: str) -> ModelReport | None
         return DeviceReport.from_message(report).models.get(name)
     except (ValidationError, TypeError, ValueError):
         return None
+
+
+def device_row(device_id: str, report: dict[str, Any], status: dict[str, Any],
+               last_seen: float | None) -> dict[str, Any]:
+    """A ``fleet devices --json`` row from a device's retained reported and status messages."""
+    active = report.get("active") or {}
+    model: dict[str, Any] = active["model"] if isinstance(active.get("model"), dict) else {}
+    try:
+        models = DeviceReport.from_message(report).models if report else {}
+    except (ValidationError, TypeError, ValueError):
+        models = {}
+    return {
+        "device_id": device_id,
+        "online": bool(status.get("online", False)),
+        "model": model.get("name") or active.get("name"),
+        "model_version": model.get("version") or active.get("version"),
+        "bundle_sha256": active.get("bundle_sha256"),
+        "state": report.get("state", "unknown"),
+        "last_seen": report.get("ts") or last_seen,
+        "groups": report.get("groups") or [],
+        "tags": report.get("tags") or {},
+        "profile": report.get("profile"),
+        "http_port": report.get("http_port"),
+        "grpc_port": report.get("grpc_port"),
+        "error": report.get("error"),
+        "refused": report.get("refused"),
+        "models": [{"name": name, "version": m.active.version if m.active else None,
+                    "bundle_sha256": m.active.bundle_sha256 if m.active else None, "state": m.state.value,
+                    "error": m.error} for name, m in sorted(models.items())],
+    }
+
+
+def own_order(message: dict[str, Any] | None, trust: TrustStore) -> DesiredState | None:
+    """A retained desired state when this controller signed it; anything else is not built on."""
+    if not message:
+        return None
+    try:
+        return verify_order(message, trust)
+    except ValidationError as exc:  # OrderRefused is one
+        log.info("not building on the retained order of %s: %s", message.get("device_id"), exc)
+        return None
+
+
+def compose_desired(device_id: str, current: DesiredState | None, order: ModelOrder, seq: int,
+                    expires: float, key: Any) -> dict[str, Any]:
+    """A device's next signed desired state: what ``current`` told it for its other models, plus ``order``.
+
+    Besides schema 2's ``models``, the message carries the ordered model's schema-1 fields at its
+    top level, so tools written against schema 1 (simulators, an older agent) read the order too;
+    the signature covers both.
+    """
+    if current is not None and current.device_id != device_id:
+        current = None  # a valid order of another device, copied here: not this device's state
+    models = dict(current.models) if current else {}
+    models[order.name] = order
+    desired = DesiredState(models, device_id, seq, round(expires, 3))
+    return sign_order({**order.to_body(), "schema": desired.schema, **desired.to_body()}, key)
 
 
 def parse_fraction(text: str | float) -> float:
@@ -349,7 +409,10 @@ class _Link:
 
     ``mqtt_version="auto"`` tries MQTT 5, then 3.1.1 when the broker refuses the version, closes
     the connection before a CONNACK (RabbitMQ's MQTT plugin before 3.13) or does not answer.
+    A subclass that subscribes to more of :data:`KINDS` gets their messages in :meth:`_other`.
     """
+
+    KINDS: tuple[str, ...] = ("reported", "status", "desired")
 
     def __init__(self, broker_url: str, prefix: str, mqtt_version: str = "auto") -> None:
         import paho.mqtt.client as mqtt  # the adapter only: the plan logic never needs paho
@@ -420,7 +483,7 @@ class _Link:
             self._answer.set()
             log.warning("broker refused the connection: %s", reason_code)
             return
-        client.subscribe([(topic("+", kind, self.prefix), 1) for kind in ("reported", "status", "desired")])
+        client.subscribe([(topic("+", kind, self.prefix), 1) for kind in self.KINDS])
         self._connected.set()
         self._answer.set()
 
@@ -442,6 +505,9 @@ class _Link:
         except ValidationError as exc:
             log.info("ignoring a message on %s: %s", brief(message.topic, 200), exc)
             return
+        if kind not in ("reported", "status", "desired"):
+            self._other(kind, device_id, body)
+            return
         with self.changed:
             target = {"reported": self.reported, "desired": self.desired}.get(kind, self.status)
             if body is None:
@@ -450,7 +516,14 @@ class _Link:
                 target[device_id] = body
                 if kind != "desired":
                     self.last_seen[device_id] = time.time()
+            self._stored(kind, device_id)
             self.changed.notify_all()
+
+    def _stored(self, kind: str, device_id: str) -> None:
+        """Called (under ``changed``) after a retained message of ``device_id`` was stored."""
+
+    def _other(self, kind: str, device_id: str, body: dict[str, Any] | None) -> None:
+        """A message of a kind beyond the retained three (telemetry, events, ...); ignored here."""
 
     def settle(self, quiet: float = 0.3, limit: float = 3.0) -> None:
         """Wait until retained messages stopped arriving (``quiet`` seconds without one)."""
@@ -529,32 +602,8 @@ class FleetController:
 
     @staticmethod
     def _device_row(link: ControllerTransport, device_id: str) -> dict[str, Any]:
-        report = link.reported.get(device_id, {})
-        active = report.get("active") or {}
-        model: dict[str, Any] = active["model"] if isinstance(active.get("model"), dict) else {}
-        try:
-            models = DeviceReport.from_message(report).models if report else {}
-        except (ValidationError, TypeError, ValueError):
-            models = {}
-        return {
-            "device_id": device_id,
-            "online": bool(link.status.get(device_id, {}).get("online", False)),
-            "model": model.get("name") or active.get("name"),
-            "model_version": model.get("version") or active.get("version"),
-            "bundle_sha256": active.get("bundle_sha256"),
-            "state": report.get("state", "unknown"),
-            "last_seen": report.get("ts") or link.last_seen.get(device_id),
-            "groups": report.get("groups") or [],
-            "tags": report.get("tags") or {},
-            "profile": report.get("profile"),
-            "http_port": report.get("http_port"),
-            "grpc_port": report.get("grpc_port"),
-            "error": report.get("error"),
-            "refused": report.get("refused"),
-            "models": [{"name": name, "version": m.active.version if m.active else None,
-                        "bundle_sha256": m.active.bundle_sha256 if m.active else None, "state": m.state.value,
-                        "error": m.error} for name, m in sorted(models.items())],
-        }
+        return device_row(device_id, link.reported.get(device_id) or {}, link.status.get(device_id) or {},
+                          link.last_seen.get(device_id))
 
     # -- rollouts ----------------------------------------------------------------------------
     def rollout(self, bundle_path: Path, selector: str, server_url: str, canary: int = 1,
@@ -654,27 +703,11 @@ class FleetController:
         key = load_order_key(self.home)
         with link.changed:
             retained, report = link.desired.get(device_id), link.reported.get(device_id) or {}
-        current = self._own_order(retained, TrustStore([key.public_key]))
-        if current is not None and current.device_id != device_id:
-            current = None  # a valid order of another device, copied here: not this device's state
-        models = dict(current.models) if current else {}
-        models[order.name] = order
+        current = own_order(retained, TrustStore([key.public_key]))
         seen = max(current.seq if current and current.seq is not None else -1,
                    report["last_seq"] if isinstance(report.get("last_seq"), int) else -1)
-        desired = DesiredState(models, device_id, self.sequences.next(device_id, seen),
-                               round(time.time() + self.order_ttl_s, 3))
-        return sign_order({"schema": desired.schema, **desired.to_body()}, key)
-
-    @staticmethod
-    def _own_order(message: dict[str, Any] | None, trust: TrustStore) -> DesiredState | None:
-        """The retained desired state when this controller signed it; anything else is not built on."""
-        if not message:
-            return None
-        try:
-            return verify_order(message, trust)
-        except ValidationError as exc:  # OrderRefused is one
-            log.info("not building on the retained order of %s: %s", message.get("device_id"), exc)
-            return None
+        return compose_desired(device_id, current, order, self.sequences.next(device_id, seen),
+                               time.time() + self.order_ttl_s, key)
 
     def _rollback(self, link: ControllerTransport, plan: RolloutPlan, reason: str) -> None:
         devices = plan.begin_rollback(reason)
