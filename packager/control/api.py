@@ -29,9 +29,10 @@ from edge_agent.errors import AuthError, EdgeDeployError, NotFoundError, UsageEr
 from edge_agent.jsonlimits import loads_bounded
 from packager.control.openapi import API_PREFIX, check_body, controller_openapi
 from packager.control.tokens import SESSION_COOKIE, TokenGuard
+from packager.fleet import DeviceSelector
 
 __all__ = ["MAX_BODY_BYTES", "PLANE", "Plane", "build_app", "call", "filter_devices", "find_deployment", "query_float",
-           "query_int"]
+           "query_int", "select"]
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -188,21 +189,14 @@ def _sort_key(value: Any) -> tuple[int, float, str]:
     return (1, 0.0, str(value))
 
 
-def filter_devices(rows: Sequence[dict[str, Any]], condition: str | None = None, sort: str | None = None,
+def filter_devices(rows: Sequence[dict[str, Any]], chosen: set[str] | None = None, sort: str | None = None,
                    limit: int | None = None, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
-    """The rows matching a target condition, sorted by a column (``-col``: descending), one page of them.
+    """The rows whose id is in ``chosen`` (None: all), sorted by a column (``-col``: descending), one page.
 
-    Returns (page, how many matched). UsageError names ``q`` or ``sort`` for a bad value.
+    Returns (page, how many matched). A row without a value in the sort column goes last either way;
+    UsageError names ``sort`` for a column that does not exist.
     """
-    matched = list(rows)
-    if condition and condition.strip():
-        from packager.control.conditions import parse_condition
-
-        try:
-            parsed = parse_condition(condition)
-        except UsageError as exc:
-            raise UsageError(f"q: {str(exc).removeprefix('--target: ')}") from None
-        matched = [row for row in matched if parsed.matches(row)]
+    matched = [row for row in rows if chosen is None or row.get("device_id") in chosen]
     column = (sort or "device_id").strip()
     descending = column.startswith("-")
     column = column.lstrip("-")
@@ -210,17 +204,34 @@ def filter_devices(rows: Sequence[dict[str, Any]], condition: str | None = None,
         raise UsageError(f"sort: {column!r} is not a column; use one of {', '.join(DEVICE_COLUMNS)}")
     known = [row for row in matched if row.get(column) is not None]
     known.sort(key=lambda row: (_sort_key(row[column]), str(row.get("device_id"))), reverse=descending)
-    matched = known + sorted((row for row in matched if row.get(column) is None),  # unknowns last either way
+    matched = known + sorted((row for row in matched if row.get(column) is None),
                              key=lambda row: str(row.get("device_id")))
     end = None if limit is None else offset + limit
     return matched[offset:end], len(matched)
 
 
+async def select(request: web.Request, text: str | None, field: str) -> set[str] | None:
+    """The ids a target condition (or a ``--to`` selector) picks, by the engine's rules; None for no filter.
+
+    A bad condition is a UsageError naming ``field``.
+    """
+    if not text or not text.strip():
+        return None
+    from packager.control.conditions import parse_condition
+
+    try:
+        DeviceSelector.parse(text)
+    except UsageError:
+        parse_condition(text, option=field)  # the engine parses it again; this names the field on an error
+    return set(await call(request, "select", text))
+
+
 async def list_devices(request: web.Request) -> web.Response:
     limit = query_int(request, "limit", None, 1, 1_000_000)
     offset = query_int(request, "offset", 0, 0, 1_000_000_000) or 0
+    chosen = await select(request, request.query.get("q"), "q")
     rows = await call(request, "devices")
-    page, total = filter_devices(rows, request.query.get("q"), request.query.get("sort"), limit, offset)
+    page, total = filter_devices(rows, chosen, request.query.get("sort"), limit, offset)
     return web.json_response({"devices": page, "total": total, "offset": offset, "limit": limit})
 
 
@@ -245,7 +256,7 @@ async def set_config(request: web.Request) -> web.Response:
     if "device" in body:
         answer = await call(request, "request", body["device"], "config", args, model=model)
         return web.json_response({"results": {body["device"]: answer}})
-    chosen = await call(request, "select", body["selector"])
+    chosen = sorted(await select(request, body["selector"], "selector") or ())
     if not chosen:
         raise NotFoundError(f"selector: no device matches {body['selector']!r}")
     gate = asyncio.Semaphore(_CONFIG_FANOUT)

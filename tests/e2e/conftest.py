@@ -137,6 +137,20 @@ class Agent:
 AgentFactory = Callable[..., list[Agent]]
 
 
+def make_agent(root: Path, device_id: str, broker_url: str, trusted_key_file: Path, groups: list[str] | None = None,
+               tags: dict[str, str] | None = None, profile: str = "cpu-x86_64", **settings: Any) -> Agent:
+    """An agent's folder and agent.yaml under ``root/device_id`` (not started), on free ports."""
+    folder = root / device_id
+    folder.mkdir(parents=True)
+    config = folder / "agent.yaml"
+    config.write_text(yaml.safe_dump({
+        "device_id": device_id, "profile": profile, "groups": list(groups or []), **settings,
+        "tags": dict(tags or {}), "broker": broker_url, "data_dir": str(folder / "data"),
+        "trusted_keys": [str(trusted_key_file)], "http_port": 0, "grpc_port": 0,
+    }))
+    return Agent(device_id, config, folder / "data", folder / "agent.log")
+
+
 @pytest.fixture
 def trusted_key_file(signing_key, tmp_path: Path) -> Path:  # type: ignore[no-untyped-def]
     """The test signing key's public key, as devices get it."""
@@ -154,18 +168,8 @@ def agents(mqtt_broker: Broker, trusted_key_file: Path, tmp_path: Path) -> Itera
 
     def start(n: int, prefix: str = "dev", groups: list[str] | None = None,
               tags: dict[str, str] | None = None, profile: str = "cpu-x86_64", **settings: Any) -> list[Agent]:
-        batch = []
-        for i in range(n):
-            device_id = f"{prefix}-{len(started) + i:03d}"
-            folder = tmp_path / "agents" / device_id
-            folder.mkdir(parents=True)
-            config = folder / "agent.yaml"
-            config.write_text(yaml.safe_dump({
-                "device_id": device_id, "profile": profile, "groups": list(groups or []), **settings,
-                "tags": dict(tags or {}), "broker": mqtt_broker.url, "data_dir": str(folder / "data"),
-                "trusted_keys": [str(trusted_key_file)], "http_port": 0, "grpc_port": 0,
-            }))
-            batch.append(Agent(device_id, config, folder / "data", folder / "agent.log"))
+        batch = [make_agent(tmp_path / "agents", f"{prefix}-{len(started) + i:03d}", mqtt_broker.url,
+                            trusted_key_file, groups, tags, profile, **settings) for i in range(n)]
         started.extend(batch)
         for agent in batch:
             agent.start()
