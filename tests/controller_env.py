@@ -60,7 +60,7 @@ class ControllerFleet:
         if not controller:
             extra = {}
         return subprocess.run([sys.executable, "-m", "packager.cli.main", *args], capture_output=True, text=True,
-                              env=self.env(**extra, **env), cwd=ROOT, timeout=timeout)
+                              env=self.env(**{**extra, **env}), cwd=ROOT, timeout=timeout)
 
     def api(self, method: str, path: str, body: Any = None, token: str | None = _UNSET,
             headers: dict[str, str] | None = None, raw: bytes | None = None) -> tuple[int, Any]:
@@ -140,7 +140,8 @@ def controller_fleet(folder: Path, devices: Sequence[dict[str, Any]] = (), token
         patch = stack.enter_context(pytest.MonkeyPatch.context())
         patch.setenv("EDGEDEPLOY_HOME", str(home))  # the signing key and bundles of this fleet
         key = generate_key()
-        key_file = export_public_key(folder / "publisher.pub")
+        key_file = folder / "publisher.pub"
+        export_public_key(key_file)
         broker = Broker(folder / "broker")
         broker.folder.mkdir(parents=True)
         broker.start()

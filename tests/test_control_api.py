@@ -8,9 +8,13 @@ one in Milan and one in Rome. The tests run in file order and build on what the 
 from __future__ import annotations
 
 import json
+import os
+import pty
 import re
+import select
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -247,7 +251,7 @@ def _raw(url: str, data: bytes | None = None, cookie: str | None = None) -> tupl
 
 def test_the_console_needs_a_login_and_its_cookie_is_not_the_token(fleet: ControllerFleet) -> None:
     status, headers, _ = _raw(fleet.url + "/")
-    assert status == 303 and headers["Location"] == "/login?next=%2F"
+    assert status == 303 and headers["Location"] in ("/login?next=/", "/login?next=%2F")
     status, _, page = _raw(fleet.url + "/login", b"token=wrong-token-0123456789&next=%2F")
     assert status == 401 and "wrong token" in page
     status, headers, _ = _raw(fleet.url + "/login", f"token={TOKEN}&next=%2Fdeployments".encode())
@@ -336,29 +340,38 @@ def test_fleet_rollout_wait_and_status_through_the_controller(fleet: ControllerF
     assert aborted.returncode == 1 and aborted.stderr.startswith(f"error: rollout {rollout_id} already ended")
 
 
-def test_fleet_status_watch_on_a_terminal_redraws_bars_in_place(fleet: ControllerFleet) -> None:
-    import pty
-
-    rollout_id = fleet.get(f"{API_PREFIX}/rollouts")["rollouts"][-1]["rollout_id"]
-    leader, follower = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "packager.cli.main", "fleet", "status", rollout_id, "--watch"],
-                            stdout=follower, stderr=subprocess.PIPE, env=fleet.env(
-                                EDGEDEPLOY_CONTROLLER=fleet.url, EDGEDEPLOY_CONTROLLER_TOKEN=TOKEN))
-    import os
-
-    os.close(follower)
-    output = b""
-    while True:
+def _read_terminal(fd: int, proc: subprocess.Popen[bytes], timeout: float) -> bytes:
+    """Everything a child writes to its terminal until it exits (killed after ``timeout`` seconds)."""
+    output, deadline = b"", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
         try:
-            chunk = os.read(leader, 65536)
+            chunk = os.read(fd, 65536) if ready else b""
         except OSError:  # the child closed the terminal
             break
-        if not chunk:
-            break
         output += chunk
-    os.close(leader)
-    assert proc.wait(60) == 0, proc.stderr.read() if proc.stderr else ""
-    text = output.decode()
+        if not ready and proc.poll() is not None:
+            break
+    else:
+        proc.kill()
+    return output
+
+
+def test_fleet_status_watch_on_a_terminal_redraws_bars_in_place(fleet: ControllerFleet) -> None:
+    done = [r for r in fleet.get(f"{API_PREFIX}/rollouts")["rollouts"] if r["state"] == "succeeded"
+            and r["rollout_id"].startswith("r-")]
+    assert done, "the rollouts of the tests before"
+    rollout_id = done[-1]["rollout_id"]
+    leader, follower = pty.openpty()
+    env = fleet.env(EDGEDEPLOY_CONTROLLER=fleet.url, EDGEDEPLOY_CONTROLLER_TOKEN=TOKEN)
+    proc = subprocess.Popen([sys.executable, "-m", "packager.cli.main", "fleet", "status", rollout_id, "--watch"],
+                            stdout=follower, stderr=subprocess.DEVNULL, env=env)
+    os.close(follower)
+    try:
+        text = _read_terminal(leader, proc, 120).decode()
+    finally:
+        os.close(leader)
+    assert proc.wait(30) == 0, text
     assert "wave 0 canary" in text and "[" + "#" * 30 + "]" in text  # the live block with full bars...
     assert "\x1b[2K" in text and "\x1b[0J" in text  # ...drawn in place, then erased for the final table
     assert f"rollout {rollout_id}: succeeded" in text
@@ -369,7 +382,7 @@ def test_fleet_status_watch_on_a_terminal_redraws_bars_in_place(fleet: Controlle
     (["fleet", "deploy", "x", "{bundle}", "--target", "*", "--rate", "fast"], 2, "--rate: "),
     (["fleet", "deploy", "x", "{bundle}", "--target", "*", "--window", "25:00-26:00"], 2, "--window: "),
     (["fleet", "deploy", "x", "{bundle}", "--target", "*", "--gate", "p95<=lots"], 2, "--gate: "),
-    (["fleet", "deploy", "x", "/no/such.edb", "--target", "*"], 1, "does not exist"),
+    (["fleet", "deploy", "x", "/no/such.edb", "--target", "*"], 1, "bundle not found"),
     (["fleet", "status", "--watch"], 2, "--watch needs a ROLLOUT_ID"),
 ])
 def test_bad_cli_input_through_the_controller_is_one_error_line(fleet: ControllerFleet, args: list[str], code: int,

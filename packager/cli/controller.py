@@ -1,15 +1,13 @@
 """``edgedeploy controller``: the long-running control plane (store, rollouts, HTTP API and console).
 
 The options are checked here, before anything starts: a token file that is missing, empty or weak,
-a retention that is not a duration, a port out of range, or a network address without tokens (an
-open API on the network would let anyone order the fleet) are each one ``error:`` line. Without
-``--token-file`` the controller binds the loopback interface only.
+a retention that is not a duration or a port out of range is one ``error:`` line. The daemon refuses
+a network address without tokens (an open API there would let anyone order the fleet).
 """
 
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import re
 from pathlib import Path
@@ -48,22 +46,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--broker", default=None, metavar="URL",
                         help=f"broker URL (default $EDGEDEPLOY_BROKER, else {DEFAULT_BROKER})")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"HTTP port (default {DEFAULT_PORT})")
-    parser.add_argument("--host", default=None,
-                        help="address to bind (default 0.0.0.0 with --token-file, else 127.0.0.1)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1; another one needs --token-file)")
     parser.add_argument("--token-file", type=Path, default=None, metavar="FILE",
                         help="bearer tokens, one per line; without it the API and console are open on loopback")
     parser.add_argument("--retention", default="7d", metavar="D",
                         help="how long telemetry and events are kept: 7d, 12h, 90m, 3600s (default 7d)")
     parser.set_defaults(func=_controller)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _controller(args: argparse.Namespace) -> int:
@@ -73,12 +62,8 @@ def _controller(args: argparse.Namespace) -> int:
     retention_s = parse_duration(args.retention)
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port: {args.port} is not a TCP port (0-65535; 0 picks a free one)")
-    host = args.host or ("0.0.0.0" if tokens else "127.0.0.1")
-    if tokens is None and not _is_loopback(host):
-        raise UsageError(f"--host: binding {host} without --token-file would open the API to the network; "
-                         "give --token-file (tokens, one per line)")
     from packager.control.daemon import run_controller  # the engine's dependencies load only for this command
 
     broker = args.broker or os.environ.get("EDGEDEPLOY_BROKER") or DEFAULT_BROKER
-    run_controller(args.store or default_store_url(), broker, host, args.port, tokens, retention_s)
+    run_controller(args.store or default_store_url(), broker, args.host, args.port, tokens, retention_s)
     return 0
