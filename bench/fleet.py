@@ -111,24 +111,15 @@ def _run_size(n: int, real: bool, work: Path, key: Any) -> dict[str, Any]:
 
 
 def _start_agents(n: int, broker: Any, work: Path, key: Any) -> list[Any]:
-    import yaml
-
     from packager.keys import export_public_key
-    from tests.e2e.conftest import Agent
+    from tests.e2e.conftest import make_agent
 
     pub = work / "publisher.pub"
     if not pub.exists():
         export_public_key(pub)
     agents = []
     for i in range(n):
-        folder = work / f"agents-{n}" / f"dev-{i:04d}"
-        folder.mkdir(parents=True)
-        config = folder / "agent.yaml"
-        config.write_text(yaml.safe_dump({
-            "device_id": f"dev-{i:04d}", "profile": "cpu-x86_64", "groups": [], "tags": {},
-            "broker": broker.url, "data_dir": str(folder / "data"), "trusted_keys": [str(pub)],
-            "http_port": 0, "grpc_port": 0}))
-        agent = Agent(f"dev-{i:04d}", config, folder / "data", folder / "agent.log")
+        agent = make_agent(work / f"agents-{n}", f"dev-{i:04d}", broker.url, pub)
         agent.start()
         agents.append(agent)
     return agents

@@ -19,6 +19,7 @@ from edge_agent.errors import (
     NotFoundError,
     OverloadedError,
     PayloadTooLargeError,
+    UnavailableError,
     UsageError,
     ValidationError,
 )
@@ -38,6 +39,7 @@ STATUS_TABLE: tuple[tuple[type[EdgeDeployError], WireStatus], ...] = (
     (NotFoundError, (404, "NOT_FOUND")),
     (AlreadyExistsError, (409, "ALREADY_EXISTS")),
     (ModelNotReadyError, (503, "UNAVAILABLE")),
+    (UnavailableError, (503, "UNAVAILABLE")),
     (InferenceError, (500, "INTERNAL")),
 )
 _DEFAULT: WireStatus = (500, "INTERNAL")

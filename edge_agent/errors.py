@@ -26,6 +26,7 @@ __all__ = [
     "SignatureError",
     "UnsafeArchiveError",
     "UntrustedKeyError",
+    "UnavailableError",
     "UsageError",
     "ValidationError",
     "brief",
@@ -126,3 +127,7 @@ class InferenceError(EdgeDeployError):
 
 class AuthError(EdgeDeployError):
     """A request lacks a valid key."""
+
+
+class UnavailableError(EdgeDeployError):
+    """The service cannot act now (a standby controller, a broker that is down); retry or ask another."""

@@ -5,8 +5,9 @@ message is a signed order (:mod:`edge_agent.orders`): the controller's order key
 the device id, the next number of a per-device counter persisted under
 ``EDGEDEPLOY_HOME/fleet/sequences.json`` (so two CLI runs still count up) and an expiry.
 
-The rollout logic lives in :class:`RolloutPlan` and is pure (no I/O besides its JSON form): wave
-splitting, which reports count as success or failure, the failure threshold and the next action.
+The rollout logic lives in :class:`RolloutPlan` and is pure (no I/O besides its JSON form): which
+reports count as success or failure and the next action; wave splitting and the failure threshold
+are :mod:`packager.control.policy`'s, shared with the controller.
 :class:`FleetController` is the thin adapter: it reads retained ``status``/``reported`` messages,
 publishes retained ``desired`` messages and persists the plan after every step under
 ``EDGEDEPLOY_HOME/rollouts/<id>.json`` (atomic writes), so a restarted controller resumes it.
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import math
 import secrets
 import threading
 import time
@@ -45,6 +45,7 @@ from edge_agent.home import edgedeploy_home
 from edge_agent.orders import ORDER_TTL_S, sign_order, verify_order
 from edge_agent.transport import ControllerTransport, controller_transport
 from edge_agent.trust import TrustStore
+from packager.control.policy import parse_fraction, parse_wave, split_waves, too_many_failures
 
 __all__ = [
     "DEFAULT_BROKER",
@@ -137,48 +138,6 @@ def compose_desired(device_id: str, current: DesiredState | None, order: ModelOr
     return sign_order({**order.to_body(), "schema": desired.schema, **desired.to_body()}, key)
 
 
-def parse_fraction(text: str | float) -> float:
-    """``"10%"`` -> 0.1; a bare number is a percentage too (``"10"`` -> 0.1)."""
-    raw = str(text).strip().rstrip("%")
-    try:
-        value = float(raw) / 100.0
-    except ValueError:
-        raise UsageError(f"bad percentage {text!r}: write e.g. 10%") from None
-    if not 0.0 <= value <= 1.0:
-        raise UsageError(f"percentage {text!r} must be between 0% and 100%")
-    return value
-
-
-def parse_wave(text: str | int) -> tuple[str, float]:
-    """``"25%"`` -> ("percent", 0.25); ``"5"`` -> ("count", 5)."""
-    raw = str(text).strip()
-    if raw.endswith("%"):
-        value = parse_fraction(raw)
-        if value <= 0:
-            raise UsageError("--wave must be above 0%")
-        return "percent", value
-    try:
-        count = int(raw)
-    except ValueError:
-        raise UsageError(f"bad wave size {text!r}: write a device count (5) or a percentage (25%)") from None
-    if count < 1:
-        raise UsageError("--wave must be at least 1 device")
-    return "count", float(count)
-
-
-def split_waves(device_ids: list[str], canary: int, wave: str | int) -> list[list[str]]:
-    """The canary wave (``canary`` devices, if any) then waves of a count or a percent of all devices."""
-    if canary < 0:
-        raise UsageError("--canary must be 0 or more")
-    ids = sorted(device_ids)
-    kind, value = parse_wave(wave)
-    size = int(value) if kind == "count" else max(1, math.ceil(value * len(ids)))
-    waves = [ids[:canary]] if canary and ids else []
-    rest = ids[canary:]
-    waves += [rest[i:i + size] for i in range(0, len(rest), size)]
-    return waves
-
-
 @dataclass(frozen=True)
 class DeviceSelector:
     """``all``, ``device:ID[,ID...]``, ``group:NAME`` or ``tag:KEY=VALUE``."""
@@ -267,9 +226,7 @@ class RolloutPlan:
 
     def too_many_failures(self) -> bool:
         """True when the failure rate among finished devices is above ``max_failures``."""
-        failed = self.count("failed")
-        done = failed + self.count("succeeded")
-        return failed > 0 and failed > self.max_failures * done
+        return too_many_failures(self.count("failed"), self.count("succeeded"), self.max_failures, 1)
 
     # -- events ------------------------------------------------------------------------------
     def record_report(self, device_id: str, report: dict[str, Any]) -> bool:

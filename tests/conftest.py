@@ -74,3 +74,20 @@ def docker_host(docker_engine: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """``DOCKER_HOST`` set to the engine for this test (the CLI and the Python API find it there)."""
     monkeypatch.setenv("DOCKER_HOST", docker_engine)
     return docker_engine
+
+
+@pytest.fixture
+def pg_database() -> Iterator[str]:
+    """The URL of a fresh, empty PostgreSQL database (random name), dropped after the test."""
+    from tests.postgres import scratch_database
+
+    with scratch_database() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A controller store URL on each backend: a SQLite file in tmp_path, then a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'controller.db'}"
+    return str(request.getfixturevalue("pg_database"))

@@ -30,6 +30,7 @@ from bench.lean import (
     serving_agent,
 )
 from edge_agent.bundle import verify_bundle
+from packager.control.migrations import migrations
 from packager.examples import DigitsData
 from packager.keys import SigningKey, export_public_key, generate_key
 from packager.packaging import package
@@ -47,6 +48,16 @@ for info in pkgutil.walk_packages(edge_agent.__path__, "edge_agent."):
 loaded = sorted({name.partition(".")[0] for name in sys.modules} & set(sys.argv[1:]))
 print(json.dumps({"loaded": loaded, "edge_agent": edge_agent.__file__,
                   "runtime": sorted(n for n in sys.modules if n.startswith("edge_agent.runtime."))}))
+"""
+
+
+# Run in the device install: a SQLite controller store, migrated by the wheel's own migrations.
+_OPEN_STORE = """
+import json, sys
+import packager.control.migrations as migrations
+from packager.control.store import Store
+with Store.open(sys.argv[1]) as store:
+    print(json.dumps({"version": store.schema_version(), "migrations": migrations.__file__}))
 """
 
 
@@ -106,6 +117,19 @@ def test_the_installed_wheel_carries_the_device_profiles(device: DeviceInstall, 
     assert names == sorted(p.stem for p in (PROJECT / "device-profiles").glob("*.yaml"))
     with zipfile.ZipFile(device.wheel) as wheel:
         assert "edge_agent/systemd/edge-agent.service" in wheel.namelist()  # the device's unit file too
+
+
+@pytest.mark.slow
+def test_the_installed_wheel_carries_the_store_migrations(device: DeviceInstall, tmp_path: Path) -> None:
+    with zipfile.ZipFile(device.wheel) as wheel:
+        shipped = sorted(n for n in wheel.namelist() if n.startswith("packager/control/migrations/0"))
+    assert shipped == [f"packager/control/migrations/{m.version:04d}_{m.name}.py" for m in migrations()]
+    opened = subprocess.run([str(device.bin("python")), "-c", _OPEN_STORE, str(tmp_path / "controller.db")],
+                            capture_output=True, text=True, cwd=tmp_path, env=clean_env(), timeout=120)
+    assert opened.returncode == 0, opened.stderr
+    found = json.loads(opened.stdout)
+    assert found["version"] == migrations()[-1].version
+    assert Path(found["migrations"]).is_relative_to(device.venv)  # the wheel's copy ran, not the checkout's
 
 
 @pytest.mark.slow

@@ -41,11 +41,19 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: flo
 
 @dataclass
 class Broker:
-    """A private mosquitto on a loopback port; retained messages persist across ``restart()``."""
+    """A private mosquitto on a loopback port; retained messages persist across ``restart()``.
+
+    ``settings`` are more mosquitto.conf lines (a simulated fleet on one connection needs
+    ``max_queued_messages 0``: the default queue of 1,000 messages per client drops the rest);
+    ``persistent=False`` keeps retained messages in memory only (saving 300,000 of them every
+    second would cost more than the fleet it measures).
+    """
 
     folder: Path
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
+    settings: str = ""
+    persistent: bool = True
 
     @property
     def url(self) -> str:
@@ -53,11 +61,10 @@ class Broker:
 
     def start(self) -> None:
         conf = self.folder / "mosquitto.conf"
-        conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-            f"persistence_location {self.folder}/\nautosave_interval 1\n"
-            f"log_dest file {self.folder}/mosquitto.log\n"
-        )
+        persistence = f"persistence true\npersistence_location {self.folder}/\nautosave_interval 1\n" \
+            if self.persistent else "persistence false\n"
+        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{persistence}"
+                        f"log_dest file {self.folder}/mosquitto.log\n{self.settings}\n")
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         wait_port(self.port)
