@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -41,8 +42,11 @@ def api_schema(fleet: ControllerFleet) -> schemathesis.BaseSchema:
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 def test_every_operation_answers_as_documented(api_schema: schemathesis.BaseSchema, mode: GenerationMode) -> None:
     seen: dict[str, set[int]] = {}
-    for result in api_schema.get_all_operations():
-        operation = result.ok()
+    unsatisfiable: list[str] = []
+    operations = [result.ok() for result in api_schema.get_all_operations()]
+    if mode is GenerationMode.NEGATIVE:  # only what takes input can be given bad input
+        operations = [op for op in operations if list(op.iter_parameters()) or list(op.body)]
+    for operation in operations:
 
         @given(case=operation.as_strategy(generation_mode=mode))
         @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), database=None)
@@ -51,7 +55,11 @@ def test_every_operation_answers_as_documented(api_schema: schemathesis.BaseSche
             seen.setdefault(case.operation.label, set()).add(response.status_code)
             case.validate_response(response, checks=CHECKS)
 
-        check()
-    assert len(seen) == 23  # every operation of the document was reached
-    if mode is GenerationMode.NEGATIVE:  # invalid input was refused as bad input somewhere, never with a 5xx
-        assert any(400 in codes for codes in seen.values())
+        try:
+            check()
+        except Unsatisfiable:  # every input of it takes any string (a path id, a free-text filter)
+            assert mode is GenerationMode.NEGATIVE, operation.label
+            unsatisfiable.append(operation.label)
+    assert len(seen) + len(unsatisfiable) == len(operations) and len(seen) >= 10  # every operation was reached
+    if mode is GenerationMode.NEGATIVE:  # invalid input was refused as bad input, never with a 5xx
+        assert sum(400 in codes for codes in seen.values()) >= 5

@@ -103,7 +103,15 @@ def _print_status(doc: dict[str, Any], as_json: bool) -> None:
 
 
 def _ended(doc: dict[str, Any]) -> bool:
+    """A rollout run from here (packager.fleet) is over."""
     return doc["state"] in TERMINAL
+
+
+def _ended_in_controller(doc: dict[str, Any]) -> bool:
+    """A rollout the controller runs is over (it also supersedes a deployment's older rollouts)."""
+    from packager.control.engine import TERMINAL as CONTROLLER_TERMINAL
+
+    return doc["state"] in CONTROLLER_TERMINAL
 
 
 def _rollout(args: argparse.Namespace) -> int:
@@ -117,7 +125,7 @@ def _rollout(args: argparse.Namespace) -> int:
         rollout_id = client.start_rollout({**publish_target(args.bundle, args.server), "selector": args.selector,
                                            "policy": policy})
         if args.wait:
-            follow(lambda: client.rollout_status(rollout_id), view, _ended)
+            follow(lambda: client.rollout_status(rollout_id), view, _ended_in_controller)
         doc = client.rollout_status(rollout_id, detail=True)
     else:
         with _controller(args) as ctl:
@@ -136,10 +144,11 @@ def _rollout(args: argparse.Namespace) -> int:
 
 
 def _watch_then_read(args: argparse.Namespace, brief: Callable[[], dict[str, Any]],
-                     full: Callable[[], dict[str, Any]], interval: float) -> dict[str, Any]:
-    """With ``--watch``, follow ``brief`` statuses until the rollout ends; then the ``full`` one."""
+                     full: Callable[[], dict[str, Any]], ended: Callable[[dict[str, Any]], bool],
+                     interval: float) -> dict[str, Any]:
+    """With ``--watch``, follow ``brief`` statuses until the rollout ``ended``; then the ``full`` one."""
     if args.watch:
-        follow(brief, RolloutView(quiet=args.json), _ended, interval)
+        follow(brief, RolloutView(quiet=args.json), ended, interval)
     return full()
 
 
@@ -160,13 +169,13 @@ def _status(args: argparse.Namespace) -> int:
         return 0
     if client is not None:
         doc = _watch_then_read(args, lambda: client.rollout_status(args.rollout_id),
-                               lambda: client.rollout_status(args.rollout_id, detail=True), 1.0)
+                               lambda: client.rollout_status(args.rollout_id, detail=True), _ended_in_controller, 1.0)
     else:
         with _controller(args) as ctl:  # each read advances a rollout that runs without a controller
             def read() -> dict[str, Any]:
                 return ctl.status(args.rollout_id)
 
-            doc = _watch_then_read(args, read, read, 0.5)
+            doc = _watch_then_read(args, read, read, _ended, 0.5)
     _print_status(doc, args.json)
     return 0
 

@@ -27,6 +27,7 @@ from aiohttp import web
 from edge_agent.error_status import http_status
 from edge_agent.errors import AuthError, EdgeDeployError, NotFoundError, UsageError
 from edge_agent.jsonlimits import loads_bounded
+from packager.control.conditions import parse_condition
 from packager.control.openapi import API_PREFIX, check_body, controller_openapi
 from packager.control.tokens import SESSION_COOKIE, TokenGuard
 from packager.fleet import DeviceSelector
@@ -217,8 +218,6 @@ async def select(request: web.Request, text: str | None, field: str) -> set[str]
     """
     if not text or not text.strip():
         return None
-    from packager.control.conditions import parse_condition
-
     try:
         DeviceSelector.parse(text)
     except UsageError:

@@ -22,6 +22,7 @@ from edge_agent.errors import (
     EdgeDeployError,
     NotFoundError,
     PayloadTooLargeError,
+    UnavailableError,
     UsageError,
     brief,
 )
@@ -32,6 +33,7 @@ __all__ = ["ControllerClient"]
 
 _ERROR_OF_STATUS: dict[int, type[EdgeDeployError]] = {
     400: UsageError, 401: AuthError, 404: NotFoundError, 409: AlreadyExistsError, 413: PayloadTooLargeError,
+    503: UnavailableError,
 }
 _MAX_ANSWER_BYTES = 256 << 20  # a device list of 100,000 rows is about 60 MB
 _TIMEOUT_S = 120.0  # starting a rollout over a large fleet writes every device's step first

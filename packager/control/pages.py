@@ -306,7 +306,7 @@ async def rollout_page(request: web.Request) -> web.Response:
     total = sum(_wave_total(w) for w in doc.get("waves") or []) or sum(counts.values())
     summary = (f'<section id="rollout" data-rollout="{esc(rollout_id)}" data-state="{esc(doc.get("state"))}">'
                f'<p>State <b data-field="state">{esc(doc.get("state"))}</b> '
-               f'<span data-field="reason" class="reason">{esc(doc.get("reason") or "")}</span></p>'
+               f'<span data-field="reason" class="reason">{attr(doc.get("reason"))}</span></p>'
                f'<p><span data-field="succeeded">{counts["succeeded"]}</span> succeeded · '
                f'<span data-field="failed">{counts["failed"]}</span> failed · '
                f'<span data-field="pending">{counts["pending"]}</span> pending</p>'

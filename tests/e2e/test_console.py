@@ -209,6 +209,7 @@ def test_plots_draw_device_and_deployment_telemetry(fleet: ControllerFleet, brow
         return _drawn_points(browser, "latency") >= 2 and _drawn_points(browser, "throughput") >= 1
 
     wait_for(deployment_plotted, "the deployment's latency and throughput plots", 90, every=1.0)
+    assert _drawn_points(browser, "cpu") >= 2 and _drawn_points(browser, "memory") >= 2  # its devices' own
     screenshot("deployment")
     _open(browser, fleet.url + "/deployments")
     assert _cells(browser, "#deployments tbody td:first-child") == ["scorer-milan"]
