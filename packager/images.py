@@ -4,10 +4,10 @@ Builds work offline: Python dependencies go into the build context as a wheelhou
 on the host, ``pip install --no-index`` in the image), and the default base image is a slim Debian
 made locally with ``debootstrap`` and ``docker import`` (no registry is needed). Layers are ordered
 from least to most specific (base, venv, wheels, bundle, labels) so a rebuild from the same bundle
-and base reuses every cached layer. The controller's image (:func:`write_controller_context`) shares the
-install layers and runs ``edgedeploy controller`` on port 8090, its SQLite store and order key in
-the ``/var/lib/edgedeploy`` volume and its bearer tokens from a mounted secret (it refuses to listen
-on the network without them).
+and base reuses every cached layer. The controller's image (:func:`write_controller_context`) shares
+the install layers (the base install plus the ``controller`` extra) and runs ``edgedeploy controller``
+on port 8090, its SQLite store and order key in the ``/var/lib/edgedeploy`` volume and its bearer
+tokens from a mounted secret (it refuses to listen on the network without them).
 """
 
 from __future__ import annotations
@@ -30,13 +30,13 @@ __all__ = [
     "BASE_IMAGE",
     "BUNDLE_PATH",
     "CONTROLLER_HOME",
-    "CONTROLLER_REQUIREMENTS",
     "CONTROLLER_TOKENS",
     "ImageBuild",
     "RUNTIME_REQUIREMENTS",
     "build_controller_image",
     "build_image",
     "cache_dir",
+    "controller_requirements",
     "ensure_base_image",
     "image_tag",
     "write_context",
@@ -55,14 +55,26 @@ RUNTIME_REQUIREMENTS = [
     "cryptography>=42", "jsonschema>=4.20", "aiohttp>=3.9", "paho-mqtt>=2.0",
     "onnxconverter-common>=1.14", "docker>=7.0",
 ]
-#: What ``edgedeploy controller`` needs (no model runtime: it never loads a model), PostgreSQL driver included.
-CONTROLLER_REQUIREMENTS = [
-    "numpy>=1.26", "paho-mqtt>=2.0", "pyyaml>=6.0", "psutil>=5.9", "cryptography>=42", "jsonschema>=4.20",
-    "aiohttp>=3.9", "packaging>=23", "psycopg[binary]>=3.1",
-]
 CONTROLLER_HOME = "/var/lib/edgedeploy"  # EDGEDEPLOY_HOME in the image: the order key and the SQLite store
 CONTROLLER_TOKENS = "/run/secrets/edgedeploy-tokens"  # where `docker run --mount` or a Kubernetes secret puts them
 CONTROLLER_PORT = 8090
+
+
+def controller_requirements() -> list[str]:
+    """What the controller's image installs: the base install (the whole ``edgedeploy`` command line
+    works there) plus the ``controller`` extra (PostgreSQL), as this project's metadata declares them."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    chosen = []
+    for line in requires("edgedeploy") or []:
+        requirement = Requirement(line)
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": "controller"}):
+            continue
+        requirement.marker = None
+        chosen.append(str(requirement))
+    return chosen
 
 
 @dataclass
@@ -239,7 +251,7 @@ def build_image(client: Any, bundle: Path, name: str, base: str = BASE_IMAGE,
 
 def write_controller_context(context: Path, base: str = BASE_IMAGE) -> Path:
     """Fill ``context`` with the controller image's Dockerfile, wheelhouse and project wheel; returns it."""
-    requirements = _fill_install_layers(context, CONTROLLER_REQUIREMENTS)
+    requirements = _fill_install_layers(context, controller_requirements())
     (context / "Dockerfile").write_text(_CONTROLLER_DOCKERFILE.format(
         base=base, requirements=requirements, home=CONTROLLER_HOME, port=CONTROLLER_PORT, tokens=CONTROLLER_TOKENS))
     return context
