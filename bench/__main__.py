@@ -7,7 +7,7 @@ import importlib.util
 import sys
 import time
 
-ORDER = ("packager", "serving", "memory", "fleet", "fleet_scale", "cloud", "fpga", "lean")
+ORDER = ("packager", "serving", "memory", "fleet", "fleet_scale", "cloud", "fpga", "lean", "delta")
 
 
 def main(argv: list[str]) -> int:

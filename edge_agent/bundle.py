@@ -27,7 +27,7 @@ import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from edge_agent.errors import (
     BundleError,
@@ -47,8 +47,10 @@ __all__ = [
     "BUNDLE_FORMAT",
     "FORMAT_VERSION",
     "BundleManifest",
+    "ByteSink",
     "FileEntry",
     "SignatureInfo",
+    "bundle_gzip",
     "bundle_sha256",
     "canonical_json",
     "load_extracted",
@@ -71,6 +73,24 @@ MAX_FILES = 20_000
 DEFAULT_MAX_EXPANDED_BYTES = 8 * 1024**3
 _RESERVED = {MANIFEST_NAME, SIGNATURE_NAME}
 _CHUNK = 1024 * 1024
+GZIP_LEVEL = 6
+
+
+class ByteSink(Protocol):
+    """Where compressed bytes go: a file, or anything with ``write`` and ``flush``."""
+
+    def write(self, data: bytes, /) -> object: ...
+
+    def flush(self) -> object: ...
+
+
+def bundle_gzip(sink: ByteSink) -> gzip.GzipFile:
+    """The gzip layer of every bundle: level 6, no file name, mtime 0.
+
+    One definition for the writer and for a device rebuilding a bundle from a delta
+    (:mod:`edge_agent.delta`): the same tar stream through it gives the same bytes.
+    """
+    return gzip.GzipFile(filename="", mode="wb", fileobj=sink, mtime=0, compresslevel=GZIP_LEVEL)
 
 
 def canonical_json(document: Any) -> bytes:

@@ -3,6 +3,8 @@
 ``edge-agent serve --bundle B ...`` loads a verified bundle and serves it over REST and gRPC until
 SIGTERM or SIGINT (``edgedeploy deploy --target local`` runs exactly this in the background).
 ``edge-agent --config agent.yaml [--check]`` runs (or validates the config of) the fleet daemon.
+``edge-agent install DIR|BUNDLE --config agent.yaml`` applies an offline export while the daemon is
+stopped (:mod:`edge_agent.offline`).
 Errors print one ``error:`` line and exit 1, or 2 for bad usage, like ``edgedeploy``.
 """
 
@@ -70,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     serve_parser = sub.add_parser("serve", help="serve one bundle over REST and gRPC in the foreground")
     _add_serve_options(serve_parser)
+    install = sub.add_parser("install", help="install an offline export (or a bundle file) while the daemon is "
+                                             "stopped; the daemon reports it when it next reaches the broker")
+    install.add_argument("source", type=Path, metavar="DIR|BUNDLE")
+    install.add_argument("--config", type=Path, dest="install_config", help="agent.yaml of this device")
+    install.add_argument("--allow-downgrade", action="store_true",
+                         help="install a lower model version than the active one (a rollback by hand)")
     return parser
 
 
@@ -232,7 +240,23 @@ def _as_dict(value: Any) -> Any:
     return vars(value) if hasattr(value, "__dict__") else value
 
 
+def _run_install(args: argparse.Namespace) -> int:
+    config_path = args.install_config or args.config
+    if config_path is None:
+        raise UsageError("install needs --config agent.yaml (the device's agent configuration)")
+    config = importlib.import_module("edge_agent.config").load_agent_config(config_path)
+    # the daemon's steps log their transitions; here the outcome is the one line printed (-v shows them)
+    logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    report = importlib.import_module("edge_agent.offline").install(config, args.source, args.allow_downgrade)
+    active = report.active
+    print(f"installed {report.name} version {active.version} (bundle {active.bundle_sha256[:12]}) from "
+          f"{args.source}; the agent reports it when it next reaches the broker")
+    return 0
+
+
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "install":
+        return _run_install(args)
     if args.command == "serve":
         if args.config is not None:
             raise UsageError("--config runs the fleet daemon; it does not go with 'serve'")

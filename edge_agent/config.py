@@ -15,9 +15,13 @@ from urllib.parse import urlsplit
 import jsonschema
 import yaml
 
-from edge_agent.errors import NotFoundError, ValidationError
+from edge_agent.auth import read_token
+from edge_agent.broker_tls import BrokerTLS
+from edge_agent.delta import DEFAULT_PATCH_MEMORY_BYTES
+from edge_agent.errors import EdgeDeployError, NotFoundError, ValidationError
 from edge_agent.fleet_messages import DEFAULT_PREFIX, check_device_id
 from edge_agent.serving_config import DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_MAX_REQUEST_BYTES, ServingConfig
+from edge_agent.timezones import check_timezone
 
 __all__ = ["AGENT_CONFIG_SCHEMA", "MQTT_VERSION_NAMES", "AgentConfig", "load_agent_config", "parse_agent_config"]
 
@@ -40,6 +44,9 @@ AGENT_CONFIG_SCHEMA: dict[str, Any] = {
         "username": {"type": ["string", "null"]},
         "password": {"type": ["string", "null"]},
         "ca_file": {"type": ["string", "null"]},
+        "tls_cert": {"type": ["string", "null"]},
+        "tls_key": {"type": ["string", "null"]},
+        "bundle_token_file": {"type": ["string", "null"]},
         "data_dir": {"type": "string", "minLength": 1},
         "trusted_keys": _STR_LIST,
         "controller_keys": _STR_LIST,
@@ -62,6 +69,11 @@ AGENT_CONFIG_SCHEMA: dict[str, Any] = {
         "mqtt_version": {"enum": list(MQTT_VERSION_NAMES) + [5]},  # YAML reads a bare 5 as a number
         "download_deadline_s": {"type": "number", "exclusiveMinimum": 0},
         "download_min_bytes_per_s": {"type": "number", "minimum": 0},
+        "timezone": {"type": "string", "minLength": 1},
+        "delta_updates": {"type": "boolean"},
+        "delta_patch_memory_bytes": {"type": "integer", "minimum": 0},
+        "tuf_root": {"type": ["string", "null"], "minLength": 1},
+        "tuf_metadata_url": {"type": ["string", "null"], "pattern": "^https?://"},
     },
 }
 
@@ -79,6 +91,10 @@ class AgentConfig:
     username: str | None = None
     password: str | None = None
     ca_file: Path | None = None
+    # the device's own identity on an mqtts:// broker (edgedeploy fleet enroll), and the bundle server's token
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    bundle_token_file: Path | None = None
     trusted_keys: list[Path] = field(default_factory=list)
     # order-signing keys besides the ``orders`` blocks of trusted_keys files (edge_agent.orders)
     controller_keys: list[Path] = field(default_factory=list)
@@ -104,6 +120,16 @@ class AgentConfig:
     # a download that takes longer, or runs slower over any 30 s, is abandoned (resumed next time)
     download_deadline_s: float = 3600.0
     download_min_bytes_per_s: float = 1024.0
+    # IANA name of the device's local time (maintenance windows); None: the system's zone
+    timezone: str | None = None
+    # ask for a delta against the active bundle first (edge_agent.fetch); a patch may hold this much
+    # memory, or half of what is available when that is less
+    delta_updates: bool = True
+    delta_patch_memory_bytes: int = DEFAULT_PATCH_MEMORY_BYTES
+    # the TUF root a device starts trusting (edgedeploy repo export-root): with it, a bundle is fetched only
+    # as a target of the repository's signed metadata (edge_agent.tuf_fetch)
+    tuf_root: Path | None = None
+    tuf_metadata_url: str | None = None  # default: metadata/ beside the bundle URL's folder
 
     @property
     def broker_host(self) -> str:
@@ -119,6 +145,11 @@ class AgentConfig:
     def broker_tls(self) -> bool:
         """True for ``mqtts://``."""
         return self.broker.startswith("mqtts://")
+
+    @property
+    def broker_identity(self) -> BrokerTLS:
+        """The files of the broker connection: ``ca_file``, ``tls_cert``, ``tls_key``."""
+        return BrokerTLS(self.ca_file, self.tls_cert, self.tls_key)
 
     @property
     def serving(self) -> ServingConfig:
@@ -169,6 +200,11 @@ def parse_agent_config(document: Any, base: Path | None = None, source: str = "a
         raise _schema_error(errors[0], source)
     check_device_id(document["device_id"])
     _check_transport(document["broker"], source)
+    if "timezone" in document:
+        try:
+            check_timezone(document["timezone"])
+        except ValidationError as exc:
+            raise ValidationError(f"{source}: timezone: {exc}") from None
     base = base or Path.cwd()
 
     def path(value: str | None) -> Path | None:
@@ -178,7 +214,7 @@ def parse_agent_config(document: Any, base: Path | None = None, source: str = "a
     values["data_dir"] = path(values["data_dir"])
     values["trusted_keys"] = [path(p) for p in values.get("trusted_keys", [])]
     values["controller_keys"] = [path(p) for p in values.get("controller_keys", [])]
-    for key in ("ca_file", "keys_file"):
+    for key in ("ca_file", "keys_file", "tls_cert", "tls_key", "bundle_token_file", "tuf_root"):
         if values.get(key) is not None:
             values[key] = path(values[key])
     values["tags"] = {str(k): str(v) for k, v in (values.get("tags") or {}).items()}
@@ -187,7 +223,24 @@ def parse_agent_config(document: Any, base: Path | None = None, source: str = "a
     config = AgentConfig(**values)
     if config.reconnect_max_s < config.reconnect_min_s:
         raise ValidationError(f"{source}: reconnect_max_s must be >= reconnect_min_s")
+    _check_credentials(config, source)
     return config
+
+
+def _check_credentials(config: AgentConfig, source: str) -> None:
+    """Read the certificate, key and token files now, so ``--check`` names what is wrong with them."""
+    if urlsplit(config.broker).password is not None:
+        raise ValidationError(f"{source}: broker: give the password as the password key, not in the URL "
+                              "(a URL shows in log lines)")
+    if (config.tls_cert or config.tls_key) and not config.broker_tls:
+        raise ValidationError(f"{source}: tls_cert and tls_key need an mqtts:// broker")
+    try:
+        if config.broker_tls:
+            config.broker_identity.check()
+        if config.bundle_token_file is not None:
+            read_token(config.bundle_token_file)
+    except EdgeDeployError as exc:
+        raise ValidationError(f"{source}: {exc}") from None
 
 
 def load_agent_config(path: Path | str) -> AgentConfig:

@@ -4,13 +4,21 @@ It serves every model's active slot over REST and gRPC (each under its own name)
 its desired state over MQTT, accepts it only as a signed order (:mod:`edge_agent.orders`) and runs
 each model's deployment through that model's own state machine::
 
-    download -> verify into the inactive slot -> install under a staging name -> health check
+    download (a delta against the active bundle where the server has one: edge_agent.fetch)
+    -> verify into the inactive slot -> install under a staging name -> health check
     (ready + smoke inference on the bundle's sample) -> switch the live name -> commit
 
-On any failure the live model is the last good one and ``failed`` is reported with the reason.
+With ``tuf_root`` set, the download step takes only a target of the repository's signed TUF
+metadata (:mod:`edge_agent.tuf_fetch`). On any failure the live model is the last good one and
+``failed`` is reported with the reason.
 Every transition is persisted first, then published (``reported`` retained, one ``events``). An
 order for one model never touches another; a refused order is one line in the log, in
 ``reported.refused`` and in one ``events`` message (``"to": "refused"``), and changes nothing.
+Requests (logs, a model's run-time parameters, a restart) are answered by :mod:`edge_agent.operations`;
+whatever replaces or reconfigures a serving instance holds ``instances``, one at a time.
+
+The daemon holds ``data_dir``'s lock while it runs; events an offline install left in the outbox
+(:mod:`edge_agent.outbox`) go out on each connection, after the reported state.
 """
 
 from __future__ import annotations
@@ -26,22 +34,30 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edge_agent.bundle import BundleManifest, open_bundle, read_manifest
-from edge_agent.errors import DeploymentError, EdgeDeployError, ValidationError, brief
+from edge_agent.auth import read_token
+from edge_agent.bundle import BundleManifest, load_extracted, open_bundle, read_manifest
+from edge_agent.delta import DeltaBase, patch_memory_budget
+from edge_agent.errors import DeploymentError, EdgeDeployError, NotFoundError, UnavailableError, ValidationError, brief
 from edge_agent.fleet_messages import BundleRef, DeviceReport, ModelOrder, ModelReport, OrderAction
+from edge_agent.logring import LOG_FORMAT, LogRing
+from edge_agent.operations import ModelParams, Operations, RequestGuard
 from edge_agent.orders import OrderGuard, OrderRefused
-from edge_agent.transport import device_transport
+from edge_agent.timezones import local_zone_name, utc_offset_min
+from edge_agent.transport import DeviceTransport, device_transport
 from edge_agent.trust import ORDERS, TrustStore, load_role_keys
 
 from .config import AgentConfig, load_agent_config
 from .dataplane import DataPlane
-from .download import DownloadLimits, download_bundle
+from .download import DownloadLimits
+from .fetch import fetch_bundle
 from .inference import ModelState
 from .metrics import MetricsRegistry
+from .outbox import DataDirLock, event_outbox
 from .repository import ModelRepository
 from .server import ServingApp
-from .store import BundleStore, DeployState, Event, ModelStores
+from .store import IN_PROGRESS, BundleStore, DeployState, Event, ModelStores
 from .telemetry import TelemetryQueue, sample
+from .tuf_fetch import BundleMetadata, device_metadata
 
 __all__ = ["AGENT_VERSION", "EdgeAgent", "run"]
 
@@ -56,6 +72,7 @@ def _agent_version() -> str:
 
 AGENT_VERSION = _agent_version()
 _STAGING_SUFFIX = "-staging"
+_RELOAD_SUFFIX = "-reload"  # a restart's candidate: never the name a deployment's candidate has
 
 
 def _leaves(value: Any) -> list[Any]:
@@ -105,19 +122,36 @@ def order_trust(config: AgentConfig, bundle_trust: TrustStore) -> TrustStore:
 
 
 class EdgeAgent:
-    """One device: serving stack, one bundle store per model, MQTT link and telemetry."""
+    """One device: serving stack, one bundle store per model, MQTT link and telemetry.
 
-    def __init__(self, config: AgentConfig) -> None:
+    ``link`` and ``metadata`` replace the broker link and the TUF client (an offline install
+    passes an outbox and the metadata of its folder).
+    """
+
+    def __init__(self, config: AgentConfig, link: DeviceTransport | None = None,
+                 metadata: BundleMetadata | None = None) -> None:
         self.config = config
         self.stores = ModelStores(config.data_dir)
         self.trust = TrustStore.from_files(config.trusted_keys)
-        self.guard = OrderGuard(config.device_id, order_trust(config, self.trust), config.data_dir / "orders.json")
+        controller_trust = order_trust(config, self.trust)
+        self.guard = OrderGuard(config.device_id, controller_trust, config.data_dir / "orders.json")
         self.metrics = MetricsRegistry()
         self.repository = ModelRepository(config.data_dir / "runtime", self.trust, self.metrics)
         self.dataplane = DataPlane(self.repository, self.metrics)
         self.app = ServingApp(self.dataplane, config.serving)
         self.telemetry = TelemetryQueue(config.data_dir / "telemetry", config.telemetry_queue_max)
-        self.link = device_transport(config.broker)(config, self._on_desired_thread, self._on_connected_thread)
+        self.params = ModelParams(config.data_dir / "params")
+        self.logs = LogRing()
+        self.operations = Operations(
+            config.device_id, RequestGuard(config.device_id, controller_trust, config.data_dir / "requests.json"),
+            self.params, self.logs, self, self._send)
+        self.link = link or device_transport(config.broker)(config, self._on_desired_thread,
+                                                            self._on_connected_thread,
+                                                            on_request=self._on_request_thread)
+        self.timezone = config.timezone or local_zone_name()
+        self.instances = asyncio.Lock()  # held while a serving instance is replaced or reconfigured
+        self.outbox = event_outbox(config.data_dir)
+        self.metadata = metadata or device_metadata(config)  # TUF; None without tuf_root
         self.live: set[str] = set()  # model names served under their own name
         self.refused: str | None = None
         self._pending: dict[str, ModelOrder] = {}
@@ -163,12 +197,20 @@ class EdgeAgent:
         self._publish_event({"model": None, "deployment_id": deployment_id if isinstance(deployment_id, str)
                              else None, "from": None, "to": "refused", "reason": line})
 
+    def _on_request_thread(self, message: dict[str, Any]) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self.operations.start, message)
+
+    def _send(self, kind: str, body: dict[str, Any], qos: int = 1) -> bool:
+        return self.link.publish(kind, body, qos=qos)
+
     def _on_connected_thread(self) -> None:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._on_connected)
 
     def _on_connected(self) -> None:
         self.publish_reported()
+        self.outbox.drain(lambda event: self.link.connected.is_set() and self.link.publish("events", event))
         self._drain_telemetry()
 
     def model_report(self, name: str, store: BundleStore) -> ModelReport:
@@ -176,13 +218,15 @@ class EdgeAgent:
         deployment = store.deployment
         return ModelReport(name, store.state, deployment.get("deployment_id"),
                            (deployment.get("order") or {}).get("rollout_id"), _ref(store.active),
-                           _ref(store.previous), deployment.get("error"), deployment.get("ts"))
+                           _ref(store.previous), deployment.get("error"), deployment.get("ts"),
+                           self.params.get(name) or None)
 
     def reported(self) -> dict[str, Any]:
         """The body of this device's ``reported`` message."""
         info = {"profile": self.config.profile, "groups": self.config.groups, "tags": self.config.tags,
                 "http_port": self.app.http_port, "grpc_port": self.app.grpc_port, "host": self.config.host,
-                "agent_version": AGENT_VERSION, "last_seq": self.guard.last_seq}
+                "agent_version": AGENT_VERSION, "last_seq": self.guard.last_seq, "timezone": self.timezone,
+                "utc_offset_min": utc_offset_min(self.config.timezone)}
         models = {name: self.model_report(name, store) for name, store in self.stores.items()}
         return DeviceReport(self.config.device_id, models, time.time(), info, self.refused,
                             self.stores.latest()).to_body()
@@ -226,11 +270,16 @@ class EdgeAgent:
             await self._serve_model(name, store)
 
     async def _serve_model(self, name: str, store: BundleStore) -> None:
+        async with self.instances:
+            await self._serve_slots(name, store)
+
+    async def _serve_slots(self, name: str, store: BundleStore) -> None:
         for pointer in (store.active, store.previous):
             if not pointer or not store.slot_complete(pointer.get("slot")):
                 continue
             try:
-                await self.repository.load_dir(store.slot_path(pointer["slot"]), name=name)
+                await self.repository.load_dir(store.slot_path(pointer["slot"]), name=name,
+                                               params=self.params.get(name))
             except EdgeDeployError as exc:
                 log.error("could not load %s from slot %s: %s", name, pointer["slot"], exc)
                 continue
@@ -241,6 +290,51 @@ class EdgeAgent:
                 return
             await self.repository.unload(name)
             self.live.discard(name)
+
+    # --- operations (edge_agent.operations.ModelHost) ---------------------------------------------
+    def model_names(self) -> list[str]:
+        """The models this device has an active bundle for."""
+        return [name for name, store in self.stores.items() if store.active]
+
+    async def configure_model(self, name: str, params: dict[str, Any]) -> bool:
+        """Hand ``params`` to the serving instance of ``name`` (its refusal raises, nothing changes),
+        then persist them; True when an instance was serving (else they apply at its next load)."""
+        async with self.instances:
+            entry = self.repository.get(name) if name in self.live else None
+            if entry is not None and entry.model is not None:
+                await asyncio.to_thread(entry.model.configure, params)
+            await asyncio.to_thread(self.params.put, name, params)
+        log.info("model %s: run-time parameters set (%s)", name, ", ".join(sorted(params)) or "none")
+        self.publish_reported()
+        return entry is not None
+
+    async def reload_model(self, name: str) -> dict[str, Any]:
+        """Load ``name`` again from its active slot; it replaces the serving instance only once it
+        passed the health check, so every request meanwhile is answered."""
+        async with self.instances:
+            store = dict(self.stores.items()).get(name)
+            pointer = store.active if store else None
+            if store is None or not pointer:
+                raise NotFoundError(f"model {name!r} has no active bundle on this device")
+            if store.state in IN_PROGRESS:
+                raise UnavailableError(f"model {name!r} is being deployed ({store.state.value}); "
+                                       "restart it once that ends")
+            target, candidate = store.slot_path(pointer["slot"]), name + _RELOAD_SUFFIX
+            try:
+                await self.repository.load_dir(target, name=candidate, staging=True, params=self.params.get(name))
+                await self._health_check(candidate, load_extracted(target))
+            except DeploymentError as exc:
+                raise DeploymentError(f"restart of {name!r} failed, the running instance stays: {exc}") from None
+            finally:
+                with contextlib.suppress(EdgeDeployError):
+                    await self.repository.unload(candidate)
+            await self.repository.load_dir(target, name=name, params=self.params.get(name))
+            if not self.dataplane.model_ready(name):
+                raise DeploymentError(f"restart of {name!r} failed: {self.repository.get(name).reason}")
+            self.live.add(name)
+        log.info("model %s restarted from slot %s", name, pointer["slot"])
+        return {"model": name, "version": (pointer.get("model") or {}).get("version"),
+                "bundle_sha256": pointer.get("bundle_sha256")}
 
     # --- deployments ---------------------------------------------------------------------------
     def _skip(self, store: BundleStore, order: ModelOrder) -> bool:
@@ -257,6 +351,9 @@ class EdgeAgent:
             self.publish_reported()
             return True
         deployment = store.deployment
+        if order.deployment_id in deployment.get("supersedes", ()):  # an offline install replaced it
+            self.publish_reported()
+            return True
         same = (deployment.get("deployment_id") == order.deployment_id
                 and (deployment.get("order") or {}).get("bundle_sha256") == order.bundle_sha256)
         gave_up = store.state in (DeployState.FAILED, DeployState.ROLLED_BACK)
@@ -291,10 +388,7 @@ class EdgeAgent:
 
     async def _deploy(self, store: BundleStore, order: ModelOrder) -> None:
         self._check_downgrade(store, {"name": order.name, "version": order.version}, order)
-        limits = DownloadLimits(self.config.max_download_bytes, deadline_s=self.config.download_deadline_s,
-                                min_bytes_per_s=self.config.download_min_bytes_per_s)
-        path = await asyncio.to_thread(download_bundle, order.bundle_url, order.bundle_sha256,
-                                       store.downloads, limits, abandon=self._superseded.is_set)
+        path = await asyncio.to_thread(self._download, store, order)
         self._advance(store, Event.OK)  # -> verifying
         await asyncio.to_thread(self._check_bundle, path, order)
         slot = store.deployment["slot"]
@@ -304,14 +398,41 @@ class EdgeAgent:
         self._advance(store, Event.OK)  # -> installing
         staging = order.name + _STAGING_SUFFIX
         self._staging = staging
-        await self.repository.load_dir(target, name=staging, staging=True)
+        await self.repository.load_dir(target, name=staging, staging=True, params=self.params.get(order.name))
         self._advance(store, Event.OK)  # -> health-checking
         await self._health_check(staging, manifest)
         await self._switch(target, order.name, staging)
+        self._staging = None
         store.commit(slot, {"bundle_sha256": order.bundle_sha256, "bundle_url": order.bundle_url,
                             "model": _model_of(manifest), "deployment_id": order.deployment_id})
         self._advance(store, Event.OK)  # -> active
         path.unlink(missing_ok=True)
+
+    def _delta_base(self, store: BundleStore) -> DeltaBase | None:
+        """The model's active bundle, unpacked, when deltas are on: what a delta for this model applies to."""
+        active = store.active or {}
+        if not self.config.delta_updates or not active.get("bundle_sha256") or not store.slot_complete(
+                active.get("slot")):
+            return None
+        return DeltaBase(active["bundle_sha256"], store.slot_path(active["slot"]))
+
+    def _download(self, store: BundleStore, order: ModelOrder) -> Path:
+        """The ordered bundle in ``downloads/``, rebuilt from a delta or downloaded whole.
+
+        With tuf_root, only as the TUF target the metadata lists: its length bounds the download and
+        its hashes are checked on whatever arrived (a rebuilt bundle included).
+        """
+        target = self.metadata.target(order.bundle_sha256, order.bundle_url) if self.metadata else None
+        limits = DownloadLimits(self.config.max_download_bytes, deadline_s=self.config.download_deadline_s,
+                                min_bytes_per_s=self.config.download_min_bytes_per_s)
+        token = read_token(self.config.bundle_token_file) if self.config.bundle_token_file else None
+        path = fetch_bundle(order.bundle_url, order.bundle_sha256, store.downloads, limits,
+                            abandon=self._superseded.is_set, base=self._delta_base(store),
+                            patch_budget=patch_memory_budget(self.config.delta_patch_memory_bytes),
+                            token=token, length=target.length if target else None)
+        if target is not None:
+            target.verify(path)
+        return path
 
     def _check_bundle(self, path: Path, order: ModelOrder) -> None:
         """Before anything is unpacked: the bundle holds the ordered model, for hardware this device has."""
@@ -351,11 +472,12 @@ class EdgeAgent:
             raise DeploymentError("health check failed: the smoke inference differs from the bundle's output sample")
 
     async def _switch(self, target: Path, name: str, staging: str) -> None:
-        await self.repository.load_dir(target, name=name)
-        with contextlib.suppress(EdgeDeployError):
-            await self.repository.unload(staging)
-        self._staging = None
-        self.live.add(name)
+        """Serve ``target`` under ``name`` (the candidate ``staging`` passed its health check)."""
+        async with self.instances:
+            await self.repository.load_dir(target, name=name, params=self.params.get(name))
+            with contextlib.suppress(EdgeDeployError):
+                await self.repository.unload(staging)
+            self.live.add(name)
 
     async def _fail(self, store: BundleStore, reason: str) -> None:
         staging, self._staging = self._staging, None
@@ -376,11 +498,12 @@ class EdgeAgent:
         if store.active is None and before == DeployState.IDLE:
             self.publish_reported()
             return
-        if order.name in self.live:
-            with contextlib.suppress(EdgeDeployError):
-                await self.repository.unload(order.name)
-            self.live.discard(order.name)
-        store.remove_active()
+        async with self.instances:
+            if order.name in self.live:
+                with contextlib.suppress(EdgeDeployError):
+                    await self.repository.unload(order.name)
+                self.live.discard(order.name)
+            store.remove_active()
         store.deployment.update(deployment_id=order.deployment_id, order=order.to_body(), error=None)
         if before in (DeployState.ACTIVE, DeployState.FAILED, DeployState.ROLLED_BACK, DeployState.IDLE):
             store.advance(Event.REMOVE)
@@ -438,6 +561,14 @@ class EdgeAgent:
 
     async def run(self) -> int:
         """Recover, serve, connect and work until :meth:`stop`; returns the exit code."""
+        lock = DataDirLock(self.config.data_dir, f"the edge agent daemon {self.config.device_id}").acquire()
+        logging.getLogger().addHandler(self.logs)  # what a `logs` request reads
+        try:
+            return await self._run(lock)
+        finally:
+            logging.getLogger().removeHandler(self.logs)
+
+    async def _run(self, lock: DataDirLock) -> int:
         self._loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self.stop)
@@ -461,11 +592,13 @@ class EdgeAgent:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await self.operations.close()
             await asyncio.to_thread(self.link.stop)
             await self.app.stop(grace=2.0)
             await self.repository.close()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._loop.remove_signal_handler(sig)
+            lock.release()
         log.info("edge agent %s stopped", self.config.device_id)
         return 0
 
@@ -474,5 +607,5 @@ def run(config_path: Path | str) -> int:
     """Run the fleet daemon of ``agent.yaml`` until SIGTERM; returns the exit code."""
     config = load_agent_config(config_path)
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(level=config.log_level, format=LOG_FORMAT)
     return asyncio.run(EdgeAgent(config).run())

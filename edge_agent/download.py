@@ -20,14 +20,14 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
 from edge_agent.bundle import bundle_sha256
 from edge_agent.errors import DeploymentError, IntegrityError, ValidationError, brief
 
-__all__ = ["CHUNK_BYTES", "DownloadLimits", "download_bundle", "reclaim_downloads"]
+__all__ = ["CHUNK_BYTES", "DownloadLimits", "check_order", "download_bundle", "fetch_file", "reclaim_downloads"]
 
 log = logging.getLogger(__name__)
 CHUNK_BYTES = 1024 * 1024
@@ -77,11 +77,20 @@ class _Pace:
             self.window_start, self.window_bytes = now, 0
 
 
-def _check_order(url: str, sha256: str) -> None:
-    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-        raise ValidationError(f"bundle URL {url!r} is not http(s)")
+def check_order(url: str, sha256: str) -> None:
+    """ValidationError unless ``url`` is http(s) and ``sha256`` is 64 lower-case hex digits (a file name)."""
+    _check_url(url)
+    _check_sha(sha256)
+
+
+def _check_sha(sha256: str) -> None:
     if not isinstance(sha256, str) or len(sha256) != 64 or not set(sha256) <= _SHA:
         raise ValidationError(f"bundle sha256 {sha256!r} is not 64 lowercase hex digits")
+
+
+def _check_url(url: str) -> None:
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise ValidationError(f"bundle URL {url!r} is not http(s)")
 
 
 def _set_timeout(response: http.client.HTTPResponse, seconds: float) -> None:
@@ -114,16 +123,19 @@ def _copy(response: http.client.HTTPResponse, sink: BinaryIO, written: int, max_
         pace.check(len(chunk))
 
 
-def _fetch(url: str, part: Path, limits: DownloadLimits, pace: _Pace) -> None:
+def _fetch(url: str, part: Path, limits: DownloadLimits, pace: _Pace, token: str | None) -> None:
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    if token is not None:  # not carried over a redirect, which may lead to another host
+        request.add_unredirected_header("Authorization", f"Bearer {token}")
     try:
         response = urllib.request.urlopen(request, timeout=pace.read_timeout())
     except urllib.error.HTTPError as exc:
         exc.close()
         if exc.code == 416 and have:  # we already hold every byte
             return
-        raise DeploymentError(f"download of {url} failed: HTTP {exc.code}") from None
+        hint = " (the bundle server wants a token: bundle_token_file in agent.yaml)" if exc.code == 401 else ""
+        raise DeploymentError(f"download of {url} failed: HTTP {exc.code}{hint}") from None
     with response:
         if have and response.status != 206:
             log.info("server ignored Range for %s; downloading from the start", brief(url, 200))
@@ -154,31 +166,57 @@ def reclaim_downloads(folder: Path, keep_sha256: str | None = None) -> int:
     return freed
 
 
+def fetch_file(url: str, part: Path, limits: DownloadLimits | None = None,
+               abandon: Callable[[], bool] | None = None, token: str | None = None) -> None:
+    """Fetch ``url`` into ``part`` under ``limits``, resuming what ``part`` already holds (``token``: bearer).
+
+    Network errors, HTTP errors, a passed deadline, a too slow server and ``abandon()`` raise
+    DeploymentError and keep ``part``; a transfer over the size limit deletes it.
+    """
+    limits = limits or DownloadLimits()
+    try:
+        _fetch(url, part, limits, _Pace(url, limits, abandon), token)
+    except _TooLarge:
+        part.unlink(missing_ok=True)
+        raise
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+        raise DeploymentError(f"download of {url} failed: {exc}; it resumes on the next try") from None
+
+
 def download_bundle(url: str, sha256: str, folder: Path, limits: DownloadLimits | None = None,
-                    abandon: Callable[[], bool] | None = None) -> Path:
+                    abandon: Callable[[], bool] | None = None, token: str | None = None,
+                    length: int | None = None) -> Path:
     """Fetch ``url`` into ``folder/<sha256>.edb`` (resuming a ``.part``); IntegrityError on a hash mismatch.
 
-    A finished file already present is reused; other orders' files are deleted first. Network
-    errors, a passed deadline, a too slow server and ``abandon()`` turning true raise
-    DeploymentError and keep the ``.part`` file so the next attempt resumes; a transfer over the
-    size limit deletes it.
+    ``token`` goes as ``Authorization: Bearer`` (``edgedeploy serve --token-file``).
+
+    A finished file already present is reused (an offline install puts it there); other orders'
+    files are deleted first. Network errors, a passed deadline, a too slow server and ``abandon()``
+    turning true raise DeploymentError and keep the ``.part`` file so the next attempt resumes; a
+    transfer over the size limit deletes it. ``length`` is the exact size the bundle must have (its
+    TUF target's, :mod:`edge_agent.tuf_fetch`): a body that runs past it is refused as it arrives.
     """
-    _check_order(url, sha256)
+    _check_sha(sha256)
     limits = limits or DownloadLimits()
+    if length is not None:
+        if length > limits.max_bytes:
+            raise _TooLarge(f"bundle {sha256} is {length} bytes by its TUF target, over the {limits.max_bytes} limit")
+        limits = replace(limits, max_bytes=length)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     reclaim_downloads(folder, sha256)
     final = folder / f"{sha256}.edb"
     if final.is_file() and bundle_sha256(final) == sha256:
         return final
+    _check_url(url)
     part = folder / f"{sha256}.part"
     try:
-        _fetch(url, part, limits, _Pace(url, limits, abandon))
+        fetch_file(url, part, limits, abandon, token)
     except _TooLarge:
-        part.unlink(missing_ok=True)
+        if length is not None:
+            raise IntegrityError(f"refused: bundle at {url} runs past the {length} bytes its TUF target lists "
+                                 "(endless data)") from None
         raise
-    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
-        raise DeploymentError(f"download of {url} failed: {exc}; it resumes on the next try") from None
     actual = bundle_sha256(part)
     if actual != sha256:
         part.unlink(missing_ok=True)  # a wrong file cannot be resumed into a right one

@@ -13,6 +13,7 @@ __all__ = [
     "AlreadyExistsError",
     "AuthError",
     "BundleError",
+    "DeltaError",
     "DeploymentError",
     "EdgeDeployError",
     "IntegrityError",
@@ -25,6 +26,7 @@ __all__ = [
     "PayloadTooLargeError",
     "SignatureError",
     "UnsafeArchiveError",
+    "UpdateMetadataError",
     "UntrustedKeyError",
     "UnavailableError",
     "UsageError",
@@ -92,8 +94,17 @@ class UnsafeArchiveError(BundleError):
     """The archive holds an entry that could escape or abuse its target folder."""
 
 
+class UpdateMetadataError(BundleError):
+    """The repository's signed update metadata (TUF) is expired, older than what was seen, inconsistent,
+    oversized or not signed by enough trusted keys, or does not list the bundle: nothing was trusted."""
+
+
 class DeploymentError(EdgeDeployError):
     """A service could not be started, reached or changed on its deploy target."""
+
+
+class DeltaError(BundleError):
+    """A delta cannot rebuild the ordered bundle from the one a device holds; it downloads the whole bundle."""
 
 
 class PackagingError(EdgeDeployError):
@@ -130,4 +141,5 @@ class AuthError(EdgeDeployError):
 
 
 class UnavailableError(EdgeDeployError):
-    """The service cannot act now (a standby controller, a broker that is down); retry or ask another."""
+    """The service cannot act now (a standby controller, a broker that is down, a device that does not
+    answer, a model being deployed); retry or ask another."""

@@ -7,6 +7,8 @@ Topics, under a prefix (default ``edgedeploy``)::
     {prefix}/devices/{device_id}/status     retained, QoS 1, device: online; its last will: offline
     {prefix}/devices/{device_id}/telemetry  QoS 0, device -> controller, every telemetry period
     {prefix}/devices/{device_id}/events     QoS 1, device -> controller, one per state transition
+    {prefix}/devices/{device_id}/requests   QoS 1, controller -> device: an operation (logs, config...)
+    {prefix}/devices/{device_id}/responses  QoS 1, device -> controller: its answer, by request id
 
 Every message is a JSON object with ``"schema": 2`` (:data:`SCHEMA_VERSION`); receivers also
 accept ``"schema": 1``. Schema 2's desired message is a set of named models (:class:`DesiredState`
@@ -16,6 +18,12 @@ The reported message (:class:`DeviceReport`) holds one :class:`ModelReport` per 
 fields of schema 1 for the model ordered last. A message that is not JSON, is larger than
 :data:`MAX_MESSAGE_BYTES`, has an unknown schema version or lacks a required field is refused by
 :func:`parse_message` with a ValidationError; receivers log it and go on.
+
+A request (:class:`OperationRequest`) is signed by the controller's order key like an order, for
+one device, with an expiry and a request id (:mod:`edge_agent.operations` checks it); the device
+answers with an :class:`OperationResponse` carrying the same request id. A refused request's
+``error_type`` names the error class (:data:`RESPONSE_ERRORS`), so the controller raises the
+same kind of error the device did.
 """
 
 from __future__ import annotations
@@ -23,10 +31,20 @@ from __future__ import annotations
 import enum
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_agent.errors import ValidationError
+from edge_agent.errors import (
+    EdgeDeployError,
+    InvalidInputError,
+    ModelNotReadyError,
+    NotFoundError,
+    UnavailableError,
+    UsageError,
+    ValidationError,
+    brief,
+)
 from edge_agent.jsonlimits import loads_bounded
 
 __all__ = [
@@ -34,6 +52,8 @@ __all__ = [
     "DEFAULT_PREFIX",
     "MAX_MESSAGE_BYTES",
     "MESSAGE_KINDS",
+    "OPERATIONS",
+    "RESPONSE_ERRORS",
     "SCHEMA_VERSION",
     "BundleRef",
     "DeployState",
@@ -41,10 +61,14 @@ __all__ = [
     "DeviceReport",
     "ModelOrder",
     "ModelReport",
+    "OperationRequest",
+    "OperationResponse",
     "OrderAction",
     "check_device_id",
     "check_model_name",
+    "check_request_id",
     "encode_message",
+    "error_type_of",
     "parse_message",
     "parse_topic",
     "topic",
@@ -54,10 +78,11 @@ SCHEMA_VERSION = 2
 ACCEPTED_SCHEMAS = (1, 2)
 DEFAULT_PREFIX = "edgedeploy"
 MAX_MESSAGE_BYTES = 256 * 1024
-MESSAGE_KINDS = ("desired", "reported", "status", "telemetry", "events")
+MESSAGE_KINDS = ("desired", "reported", "status", "telemetry", "events", "requests", "responses")
+OPERATIONS = ("logs", "config", "get-config", "restart")
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # it names a folder on the device
-_ORDER_FIELDS = ("device_id", "seq", "expires", "signature")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 # Fields each kind must carry (besides "schema"), by schema; more fields are allowed.
 _REQUIRED: dict[str, dict[int, tuple[str, ...]]] = {
@@ -74,7 +99,22 @@ _REQUIRED: dict[str, dict[int, tuple[str, ...]]] = {
     "telemetry": {1: ("device_id", "ts"), 2: ("device_id", "ts")},
     # {"device_id", "model", "deployment_id", "from", "to", "reason", "refused"?, "ts"}
     "events": {1: ("device_id", "to", "ts"), 2: ("device_id", "to", "ts")},
+    # {"request_id", "op", "model"?, "args", "device_id", "expires", "signature"}: schema 2 only
+    "requests": {2: ("request_id", "op", "device_id")},
+    # {"request_id", "device_id", "ok", "result" | "error" and "error_type", "ts"}
+    "responses": {2: ("request_id", "device_id", "ok")},
 }
+# A refused request's error_type: the first row whose class matches names it; the controller raises
+# the first class listed under that name.
+RESPONSE_ERRORS: tuple[tuple[str, type[EdgeDeployError]], ...] = (
+    ("not-found", NotFoundError),
+    ("invalid", ValidationError),
+    ("invalid", UsageError),
+    ("invalid", InvalidInputError),
+    ("unavailable", UnavailableError),
+    ("unavailable", ModelNotReadyError),
+    ("failed", EdgeDeployError),
+)
 
 
 class DeployState(enum.StrEnum):
@@ -105,7 +145,7 @@ class OrderAction(enum.StrEnum):
     REMOVE = "remove"  # unload the model (a rollback to a device that ran nothing before)
 
 
-def check_device_id(device_id: str) -> str:
+def check_device_id(device_id: Any) -> str:
     """Refuse a device id that cannot be a single MQTT topic level."""
     if not isinstance(device_id, str) or not _DEVICE_ID.match(device_id):
         raise ValidationError(f"invalid device id {device_id!r}: use letters, digits, '.', '_', ':' or '-'")
@@ -243,20 +283,24 @@ class ModelReport:
     previous: BundleRef | None = None
     error: str | None = None
     ts: float | None = None
+    params: dict[str, Any] | None = None  # run-time parameters set by a ``config`` request
 
     @classmethod
     def from_body(cls, name: str, body: dict[str, Any]) -> ModelReport:
         """Parse one entry of ``models`` (or the top level of a schema-1 report)."""
+        params = body.get("params")
         return cls(name, DeployState.parse(body.get("state", "idle")), body.get("deployment_id"),
                    body.get("rollout_id"), BundleRef.from_body(body.get("active")),
-                   BundleRef.from_body(body.get("previous")), body.get("error"), body.get("ts"))
+                   BundleRef.from_body(body.get("previous")), body.get("error"), body.get("ts"),
+                   params if isinstance(params, dict) else None)
 
     def to_body(self) -> dict[str, Any]:
-        """The JSON form."""
-        return {"state": self.state.value, "deployment_id": self.deployment_id, "rollout_id": self.rollout_id,
+        """The JSON form (``params`` only once some were set)."""
+        body = {"state": self.state.value, "deployment_id": self.deployment_id, "rollout_id": self.rollout_id,
                 "active": self.active.to_body() if self.active else None,
                 "previous": self.previous.to_body() if self.previous else None, "error": self.error,
                 "ts": self.ts}
+        return body if self.params is None else {**body, "params": self.params}
 
 
 @dataclass(frozen=True)
@@ -294,8 +338,105 @@ class DeviceReport:
                                                     "rollout_id": None, "active": None, "previous": None,
                                                     "error": None}
         legacy.pop("ts", None)
+        legacy.pop("params", None)
         return {**self.info, **legacy, "device_id": self.device_id, "ts": self.ts, "primary": self.primary,
                 "refused": self.refused, "models": {n: m.to_body() for n, m in sorted(self.models.items())}}
+
+
+def check_request_id(value: Any) -> str:
+    """Refuse a request id that is not a short token (it is echoed in the response and the log)."""
+    if not isinstance(value, str) or not _REQUEST_ID.match(value):
+        raise ValidationError(f"invalid request id {brief(str(value), 80)!r}: use up to 64 letters, digits, "
+                              "'.', '_', ':' or '-'")
+    return value
+
+
+@dataclass(frozen=True)
+class OperationRequest:
+    """An operation the controller asks of one device: ``logs``, ``config``, ``get-config`` or ``restart``.
+
+    ``model`` names the model for every operation but ``logs``; ``args`` holds the operation's
+    arguments (``{"tail": N}`` for logs, ``{"params": {...}}`` for config).
+    """
+
+    request_id: str
+    op: str
+    device_id: str
+    expires: float | None = None
+    model: str | None = None
+    args: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_message(cls, message: dict[str, Any]) -> OperationRequest:
+        """Typed view of a parsed request message; ValidationError names the bad field."""
+        op = message.get("op")
+        if op not in OPERATIONS:
+            raise ValidationError(f"unknown operation {brief(str(op), 80)!r}: use {', '.join(OPERATIONS)}")
+        model = message.get("model")
+        if model is not None:
+            model = check_model_name(model)
+        elif op != "logs":
+            raise ValidationError(f"operation {op!r} needs a 'model'")
+        args = message.get("args", {})
+        if not isinstance(args, dict):
+            raise ValidationError("request: 'args' must be an object")
+        expires = message.get("expires")
+        if expires is not None and (isinstance(expires, bool) or not isinstance(expires, int | float)):
+            raise ValidationError("request: 'expires' must be a time in seconds")
+        return cls(check_request_id(message.get("request_id")), op, check_device_id(message.get("device_id")),
+                   None if expires is None else float(expires), model, args)
+
+    def to_body(self) -> dict[str, Any]:
+        """The JSON form (without ``schema`` and ``signature``)."""
+        body = {"request_id": self.request_id, "op": self.op, "device_id": self.device_id,
+                "expires": self.expires, "args": self.args}
+        return body if self.model is None else {**body, "model": self.model}
+
+
+@dataclass(frozen=True)
+class OperationResponse:
+    """A device's answer to one request: ``result`` when ``ok``, else a one-line ``error`` and its type."""
+
+    request_id: str
+    device_id: str
+    ok: bool
+    result: Any = None
+    error: str | None = None
+    error_type: str | None = None
+    ts: float = 0.0
+
+    @classmethod
+    def failure(cls, request_id: str, device_id: str, exc: BaseException) -> OperationResponse:
+        """The answer to a request that failed with ``exc`` (its one line and its type)."""
+        return cls(request_id, device_id, False, error=brief(exc), error_type=error_type_of(exc), ts=time.time())
+
+    @classmethod
+    def from_message(cls, message: dict[str, Any]) -> OperationResponse:
+        """Typed view of a parsed response message."""
+        error = message.get("error")
+        return cls(str(message["request_id"]), str(message["device_id"]), message["ok"] is True,
+                   message.get("result"), None if error is None else brief(error),
+                   _optional_str(message, "error_type"), float(message.get("ts") or 0.0))
+
+    def to_body(self) -> dict[str, Any]:
+        """The JSON form (``result`` when ok, ``error`` and ``error_type`` otherwise)."""
+        body: dict[str, Any] = {"request_id": self.request_id, "device_id": self.device_id, "ok": self.ok,
+                                "ts": self.ts}
+        if self.ok:
+            return {**body, "result": self.result}
+        return {**body, "error": self.error, "error_type": self.error_type}
+
+    def raise_for_error(self) -> Any:
+        """The result; a refused request raises the kind of error the device raised, with its line."""
+        if self.ok:
+            return self.result
+        kind = next((k for name, k in RESPONSE_ERRORS if name == self.error_type), EdgeDeployError)
+        raise kind(f"{self.device_id}: {self.error or 'the request failed'}")
+
+
+def error_type_of(exc: BaseException) -> str:
+    """The ``error_type`` a response gives for ``exc`` (see :data:`RESPONSE_ERRORS`)."""
+    return next((name for name, kind in RESPONSE_ERRORS if isinstance(exc, kind)), "failed")
 
 
 def topic(device_id: str, kind: str, prefix: str = DEFAULT_PREFIX) -> str:
@@ -345,7 +486,10 @@ def _check_fields(kind: str, message: dict[str, Any]) -> None:
     if isinstance(schema, bool) or schema not in ACCEPTED_SCHEMAS:
         accepted = " or ".join(str(v) for v in ACCEPTED_SCHEMAS)
         raise ValidationError(f"{kind} message has schema {schema!r}, expected {accepted}")
-    missing = [name for name in _REQUIRED[kind][schema] if name not in message]
+    required = _REQUIRED[kind].get(schema)
+    if required is None:
+        raise ValidationError(f"{kind} message has schema {schema!r}, expected {SCHEMA_VERSION}")
+    missing = [name for name in required if name not in message]
     if missing:
         raise ValidationError(f"{kind} message lacks field(s): {', '.join(missing)}")
     if kind == "desired":

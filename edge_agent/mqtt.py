@@ -1,4 +1,4 @@
-"""The agent's MQTT adapter (paho-mqtt 2.x): session, last will, desired-state subscription.
+"""The agent's MQTT adapter (paho-mqtt 2.x): session, last will, desired-state and request subscriptions.
 
 ``mqtt_version: auto`` (the default) speaks MQTT 5 and falls back to 3.1.1 when the broker refuses
 the protocol version, closes the connection on an MQTT 5 CONNECT without a CONNACK (RabbitMQ's
@@ -16,7 +16,6 @@ A message that cannot be published (too large, not connected) is logged, never r
 from __future__ import annotations
 
 import logging
-import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edge_agent.broker_tls import tls_refusal
 from edge_agent.errors import MAX_ERROR_CHARS, ValidationError, brief
 from edge_agent.fleet_messages import encode_message, parse_message, parse_topic, topic
 
@@ -59,17 +59,22 @@ def shrink_strings(value: Any, limit: int = MAX_ERROR_CHARS) -> Any:
 class AgentLink:
     """One device's connection to the broker.
 
-    ``on_desired(message)`` is called (from paho's thread) with each valid desired state;
+    ``on_desired(message)`` is called (from paho's thread) with each valid desired state,
+    ``on_request(message)`` with each well-formed request on this device's requests topic;
     ``on_connected()`` after each successful (re)connect.
     """
 
     def __init__(self, config: AgentConfig, on_desired: Callable[[dict[str, Any]], None],
-                 on_connected: Callable[[], None] | None = None) -> None:
+                 on_connected: Callable[[], None] | None = None,
+                 on_request: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.config = config
         self.on_desired = on_desired
         self.on_connected = on_connected
+        self.on_request = on_request
         self.protocol = MQTT_VERSIONS[config.mqtt_version]
         self._answered = False  # the broker sent a CONNACK at least once
+        self._tls_refusal: str | None = None  # the last TLS refusal logged (each is logged once)
+        self._tls_context = config.broker_identity.context() if config.broker_tls else None
         self.connected = threading.Event()
         self._lock = threading.Lock()
         self._client = self._make_client()
@@ -78,15 +83,20 @@ class AgentLink:
     def _topic(self, kind: str) -> str:
         return topic(self.config.device_id, kind, self.config.topic_prefix)
 
+    @property
+    def _inbound(self) -> tuple[str, ...]:
+        """The kinds this device subscribes to."""
+        return ("desired", "requests") if self.on_request is not None else ("desired",)
+
     def _make_client(self) -> paho.Client:
         v5 = self.protocol == paho.MQTTv5
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"edge-agent-{self.config.device_id}",
                              protocol=self.protocol, clean_session=None if v5 else False)
         if self.config.username:
             client.username_pw_set(self.config.username, self.config.password)
-        if self.config.broker_tls:
-            client.tls_set(ca_certs=str(self.config.ca_file) if self.config.ca_file else None,
-                           cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        if self._tls_context is not None:
+            client.tls_set_context(self._tls_context)
+            client.on_connect_fail = self._on_connect_fail
         client.will_set(self._topic("status"), self._status(False), qos=1, retain=True)
         client.reconnect_delay_set(min_delay=max(1, int(self.config.reconnect_min_s)),
                                    max_delay=max(1, int(self.config.reconnect_max_s)))
@@ -159,6 +169,7 @@ class AgentLink:
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any,
                     properties: Any) -> None:
         self._answered = True
+        self._tls_refusal = None
         if reason_code.is_failure:
             if self._may_fall_back(client) and reason_code.value in _BAD_PROTOCOL:
                 threading.Thread(target=self._fallback, daemon=True).start()
@@ -166,7 +177,7 @@ class AgentLink:
                 log.warning("broker %s refused the connection: %s", self.config.broker, reason_code)
             return
         log.info("connected to %s (MQTT %s)", self.config.broker, "5" if self.protocol == paho.MQTTv5 else "3.1.1")
-        client.subscribe(self._topic("desired"), qos=1)
+        client.subscribe([(self._topic(kind), 1) for kind in self._inbound])
         client.publish(self._topic("status"), self._status(True), qos=1, retain=True)
         self.connected.set()
         if self.on_connected is not None:
@@ -177,13 +188,29 @@ class AgentLink:
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any,
                        properties: Any) -> None:
+        was_connected = self.connected.is_set()
         self.connected.clear()
+        if not was_connected and self._explain_tls():
+            return  # refused for its certificate, not for the MQTT version: falling back would not help
         if self._may_fall_back(client):
             # The TCP connection stood (a broker that is down reports a connect failure instead) and
             # was closed before any CONNACK: what RabbitMQ's MQTT plugin does with an MQTT 5 CONNECT.
             threading.Thread(target=self._fallback, daemon=True).start()
             return
         log.info("disconnected from %s (%s); reconnecting with backoff", self.config.broker, reason_code)
+
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        self._explain_tls()  # paho retries in silence: say once why, when TLS is the reason
+
+    def _explain_tls(self) -> bool:
+        """After a failed mqtts connection, log why TLS failed (once per reason); True when it did."""
+        if self._tls_context is None:
+            return False
+        reason = tls_refusal(self.config.broker_host, self.config.broker_port, self._tls_context)
+        if reason is not None and reason != self._tls_refusal:
+            log.warning("cannot connect to %s: %s", self.config.broker, reason)
+        self._tls_refusal = reason
+        return reason is not None
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         try:
@@ -194,19 +221,21 @@ class AgentLink:
     def _take_message(self, message: paho.MQTTMessage) -> None:
         try:
             device_id, kind = parse_topic(message.topic, self.config.topic_prefix)
-            if device_id != self.config.device_id or kind != "desired":
+            if device_id != self.config.device_id or kind not in self._inbound:
                 raise ValidationError(f"unexpected message on {message.topic!r}")
             if not message.payload:
-                log.info("desired state of %s was cleared", device_id)
+                log.info("%s of %s was cleared", kind, device_id)
                 return
-            desired = parse_message("desired", bytes(message.payload))
+            body = parse_message(kind, bytes(message.payload))
         except ValidationError as exc:
-            log.warning("ignored a message on %s: %s", message.topic, exc)
+            log.warning("ignored a message on %s: %s", brief(message.topic, 200), exc)
             return
+        handler = self.on_request if kind == "requests" else self.on_desired
         try:
-            self.on_desired(desired)
+            if handler is not None:
+                handler(body)
         except Exception:  # never let a handler bug stop the agent
-            log.exception("handling the desired state failed")
+            log.exception("handling the %s message failed", kind)
 
     # --- publishing ----------------------------------------------------------------------------
     def publish(self, kind: str, body: dict[str, Any], qos: int = 1, retain: bool = False) -> bool:

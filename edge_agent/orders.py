@@ -34,7 +34,8 @@ from edge_agent.errors import ValidationError
 from edge_agent.fleet_messages import DesiredState
 from edge_agent.trust import TrustStore
 
-__all__ = ["ORDER_TTL_S", "OrderGuard", "OrderRefused", "Signer", "sign_order", "signing_bytes", "verify_order"]
+__all__ = ["ORDER_TTL_S", "OrderGuard", "OrderRefused", "Signer", "check_signature", "sign_order", "signing_bytes",
+           "verify_order"]
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +81,21 @@ def verify_order(message: dict[str, Any], trust: TrustStore) -> DesiredState:
     and expiry.
     """
     label = _label(message)
+    check_signature(message, trust, label)
+    try:
+        return DesiredState.from_message(message)
+    except ValidationError as exc:
+        raise OrderRefused(f"{label}: {exc}") from None
+
+
+def check_signature(message: dict[str, Any], trust: TrustStore, label: str, what: str = "orders") -> None:
+    """Refuse (OrderRefused, starting with ``label``) a message not signed by a key in ``trust``.
+
+    Orders and the controller's requests (:mod:`edge_agent.operations`) are signed alike.
+    """
     signature = message.get("signature")
     if not isinstance(signature, dict):
-        raise OrderRefused(f"{label}: unsigned (orders must carry the controller's signature)")
+        raise OrderRefused(f"{label}: unsigned ({what} must carry the controller's signature)")
     key_id, value = signature.get("key_id"), signature.get("ed25519")
     if not trust.key_ids:
         raise OrderRefused(f"{label}: this device trusts no controller key (export the keys again with "
@@ -95,10 +108,6 @@ def verify_order(message: dict[str, Any], trust: TrustStore) -> DesiredState:
         raw = b""
     if not trust.verify(key_id, raw, signing_bytes(message)):
         raise OrderRefused(f"{label}: the signature does not match (altered or forged)")
-    try:
-        return DesiredState.from_message(message)
-    except ValidationError as exc:
-        raise OrderRefused(f"{label}: {exc}") from None
 
 
 class OrderGuard:

@@ -20,7 +20,7 @@ from typing import Any
 
 from edge_agent.batching import BatchSettings, DynamicBatcher
 from edge_agent.bundle import load_extracted, open_bundle
-from edge_agent.errors import ModelNotReadyError, NotFoundError
+from edge_agent.errors import EdgeDeployError, ModelNotReadyError, NotFoundError
 from edge_agent.inference import ModelState
 from edge_agent.metrics import MetricsRegistry
 from edge_agent.runtime import LoadedModel, ModelInfo, load_model
@@ -106,16 +106,23 @@ class ModelRepository:
                 return candidate
 
     async def load_dir(self, bundle_dir: Path, name: str | None = None, owned: bool = False,
-                       staging: bool = False) -> ModelInfo:
+                       staging: bool = False, params: dict[str, Any] | None = None) -> ModelInfo:
         """Load an unpacked, already verified bundle folder (an agent's slot, say).
 
         ``staging`` marks a candidate being health-checked beside the live model: it answers
         requests by name but does not count for readiness or the single-model ``/score``.
+        ``params`` (run-time parameters) reach the model's ``configure`` before it serves; a
+        refusal leaves it unavailable with that reason, as a failed ``init()`` does.
         """
         manifest = load_extracted(bundle_dir)
         name = name or manifest.name
         model = await asyncio.to_thread(load_model, Path(bundle_dir), manifest, name, self.workdir)
         failure = model.failure
+        if not failure and params:
+            try:
+                await asyncio.to_thread(model.configure, params)
+            except EdgeDeployError as exc:
+                failure = str(exc)
         entry = ModelEntry(name, ModelState.UNAVAILABLE if failure else ModelState.READY, model, failure,
                            Path(bundle_dir), owned, staging=staging)
         entry.idle.set()

@@ -38,10 +38,12 @@ CONTROLLER_GROUP = "edgedeploy.fleet_controller_transports"
 
 @runtime_checkable
 class DeviceTransport(Protocol):
-    """The agent's link: built as ``Factory(config, on_desired, on_connected)``.
+    """The agent's link: built as ``Factory(config, on_desired, on_connected, on_request=...)``.
 
-    ``on_desired(message)`` gets each well-formed desired message (from the transport's thread);
-    ``on_connected()`` runs after each (re)connect, so the agent can publish its reported state.
+    ``on_desired(message)`` gets each well-formed desired message (from the transport's thread),
+    ``on_request(message)`` each well-formed request addressed to this device's requests topic (the
+    agent checks its signature, see :mod:`edge_agent.operations`); ``on_connected()`` runs after
+    each (re)connect, so the agent can publish its reported state.
     """
 
     connected: threading.Event
@@ -58,10 +60,13 @@ class DeviceTransport(Protocol):
 
 @runtime_checkable
 class ControllerTransport(Protocol):
-    """The controller's link: built as ``Factory(broker_url, prefix)``, connected when it returns.
+    """The controller's link: built as ``Factory(broker_url, prefix, mqtt_version=...)``, connected
+    when it returns; a transport that speaks TLS also takes ``tls=`` (an
+    :class:`edge_agent.broker_tls.BrokerTLS`), passed only when the user gave TLS files.
 
     It keeps the latest ``reported``, ``status`` and ``desired`` message of every device (guarded
-    by ``changed``, notified on each arrival) and when each device was last heard from.
+    by ``changed``, notified on each arrival) and when each device was last heard from; it hands
+    each device's ``responses`` to the listeners added with :meth:`on_response`.
     """
 
     reported: dict[str, dict[str, Any]]
@@ -78,6 +83,15 @@ class ControllerTransport(Protocol):
 
     def publish_desired(self, device_id: str, message: dict[str, Any]) -> None:
         """Deliver a device's desired state so it gets it now or when it next connects."""
+
+    def publish_desired_many(self, orders: list[tuple[str, dict[str, Any]]], timeout: float = 30.0) -> None:
+        """Deliver many desired states at once (a wave); returns when the transport took every one."""
+
+    def publish_request(self, device_id: str, message: dict[str, Any]) -> None:
+        """Send a signed request to a device's requests topic (not retained; its expiry bounds a late delivery)."""
+
+    def on_response(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``listener(response)`` (from the transport's thread) for every response that arrives."""
 
     def close(self) -> None:
         """Disconnect."""

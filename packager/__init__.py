@@ -36,6 +36,7 @@ from edge_agent.errors import (
     SignatureError,
     UnsafeArchiveError,
     UntrustedKeyError,
+    UpdateMetadataError,
     UsageError,
     ValidationError,
 )
@@ -74,6 +75,9 @@ _LAZY = {
     "FleetController": "packager.fleet",
     "BundleServer": "packager.bundle_server",
     "publish_bundle": "packager.bundle_server",
+    # delivery: TUF repository metadata (edgedeploy repo, keys rotate) and offline export
+    "TufRepository": "packager.tuf_repo",
+    "export_offline": "packager.offline",
 }
 
 __all__ = [
@@ -92,6 +96,7 @@ __all__ = [
     "SignatureError",
     "UnsafeArchiveError",
     "UntrustedKeyError",
+    "UpdateMetadataError",
     "UsageError",
     "ValidationError",
     "__version__",

@@ -7,7 +7,6 @@ The format and the order of the checks a reader makes are the device's contract,
 from __future__ import annotations
 
 import base64
-import gzip
 import hashlib
 import io
 import os
@@ -23,6 +22,7 @@ from edge_agent.bundle import (
     SIGNATURE_NAME,
     BundleManifest,
     FileEntry,
+    bundle_gzip,
     bundle_sha256,
     canonical_json,
     check_payload_path,
@@ -81,8 +81,7 @@ def write_bundle(
     fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as raw:
-            with (gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz,
-                  tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar):
+            with bundle_gzip(raw) as gz, tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar:
                 tar.addfile(_tar_info(MANIFEST_NAME, len(manifest_bytes)), io.BytesIO(manifest_bytes))
                 tar.addfile(_tar_info(SIGNATURE_NAME, len(signature)), io.BytesIO(signature))
                 for entry in entries:

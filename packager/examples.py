@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DigitsData", "build_digits_cnn", "build_digits_dense_mlp", "build_digits_mlp", "digits_data"]
+__all__ = ["DigitsData", "build_digits_cnn", "build_digits_deep_mlp", "build_digits_dense_mlp", "build_digits_mlp",
+           "digits_data"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,44 @@ def build_digits_mlp(out: Path, hidden: int = 64, seed: int = 0, zipmap: bool = 
     clf.fit(data.x_train, data.y_train)
     onx = to_onnx(clf, data.x_train[:1], options={id(clf): {"zipmap": zipmap}},
                   initial_types=None, target_opset=17)
+    _rename_input(onx, "input")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(onx.SerializeToString())
+    return out
+
+
+def build_digits_deep_mlp(out: Path, hidden: tuple[int, ...] = (256, 128), seed: int = 0,
+                          head_seed: int | None = None, max_iter: int = 200) -> Path:
+    """A digits MLP with several hidden layers, as ONNX (skl2onnx; input ``input`` [N,64], no zipmap).
+
+    With ``head_seed``, the same network (same ``seed``) whose last layer alone was retrained: a
+    multinomial logistic regression fitted on the last hidden layer's activations of a bootstrap sample
+    of the training set drawn with ``head_seed`` replaces the output weights and biases, every other
+    tensor keeps its bytes. This is the update delta bundles are measured on (``bench/delta.py``).
+    """
+    import warnings
+
+    from skl2onnx import to_onnx
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neural_network import MLPClassifier
+    from threadpoolctl import threadpool_limits
+
+    data = digits_data(0)
+    # one BLAS thread: on matrices this small more threads only contend (10x slower on a loaded 2-core machine)
+    with warnings.catch_warnings(), threadpool_limits(1):
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf = MLPClassifier(hidden_layer_sizes=hidden, max_iter=max_iter, random_state=seed).fit(data.x_train,
+                                                                                                data.y_train)
+        if head_seed is not None:
+            rows = np.random.default_rng(head_seed).integers(0, len(data.x_train), len(data.x_train))
+            features = data.x_train[rows]
+            for weights, bias in zip(clf.coefs_[:-1], clf.intercepts_[:-1], strict=True):
+                features = np.maximum(features @ weights + bias, 0.0)  # the hidden layers' ReLU
+            head = LogisticRegression(max_iter=300).fit(features, data.y_train[rows])
+            clf.coefs_[-1], clf.intercepts_[-1] = head.coef_.T.copy(), head.intercept_.copy()
+    onx = to_onnx(clf, data.x_train[:1], options={id(clf): {"zipmap": False}}, target_opset=17)
     _rename_input(onx, "input")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

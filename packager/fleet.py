@@ -17,16 +17,19 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 import secrets
+import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from edge_agent.atomic import atomic_write_json, read_json
+from edge_agent.broker_tls import BrokerTLS, redact_url, tls_refusal
 from edge_agent.errors import EdgeDeployError, NotFoundError, UsageError, ValidationError, brief
 from edge_agent.fleet_messages import (
     DEFAULT_PREFIX,
@@ -46,6 +49,7 @@ from edge_agent.orders import ORDER_TTL_S, sign_order, verify_order
 from edge_agent.transport import ControllerTransport, controller_transport
 from edge_agent.trust import TrustStore
 from packager.control.policy import parse_fraction, parse_wave, split_waves, too_many_failures
+from packager.fleet_ops import FleetOps
 
 __all__ = [
     "DEFAULT_BROKER",
@@ -56,6 +60,7 @@ __all__ = [
     "own_order",
     "RolloutPlan",
     "SequenceCounter",
+    "broker_tls",
     "parse_fraction",
     "parse_wave",
     "publish_target",
@@ -367,16 +372,20 @@ class _Link:
     ``mqtt_version="auto"`` tries MQTT 5, then 3.1.1 when the broker refuses the version, closes
     the connection before a CONNACK (RabbitMQ's MQTT plugin before 3.13) or does not answer.
     A subclass that subscribes to more of :data:`KINDS` gets their messages in :meth:`_other`.
+    Every link also takes ``responses`` and hands them to its :meth:`on_response` listeners.
+    ``tls`` gives an ``mqtts://`` connection its CA file and client identity (checked before connecting;
+    without it: the system's CAs, no client certificate). Messages show the URL without its password.
     """
 
     KINDS: tuple[str, ...] = ("reported", "status", "desired")
 
-    def __init__(self, broker_url: str, prefix: str, mqtt_version: str = "auto") -> None:
+    def __init__(self, broker_url: str, prefix: str, mqtt_version: str = "auto", tls: BrokerTLS | None = None) -> None:
         import paho.mqtt.client as mqtt  # the adapter only: the plan logic never needs paho
 
         url = urlparse(broker_url)
         if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
-            raise UsageError(f"bad broker URL {broker_url!r}: write mqtt://HOST:PORT")
+            raise UsageError(f"bad broker URL {redact_url(broker_url)!r}: write mqtt://HOST:PORT")
+        self._tls = _tls_context(url.scheme, tls)
         if str(mqtt_version) not in _MQTT_VERSIONS:
             raise UsageError(f"bad MQTT version {mqtt_version!r}: use {', '.join(_MQTT_VERSIONS)}")
         self.prefix = prefix
@@ -385,6 +394,7 @@ class _Link:
         self.desired: dict[str, dict[str, Any]] = {}  # the retained orders, as the broker holds them
         self.last_seen: dict[str, float] = {}
         self.changed = threading.Condition()
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
         self._url = url
         self._connected = threading.Event()
         self._answer = threading.Event()  # a CONNACK, or the connection closed before one
@@ -396,13 +406,23 @@ class _Link:
             self._client = self._open(broker_url, protocol)
             if self._wait_connected(_SILENT_CONNACK_S if not last else 10.0) or last:
                 break
-            log.info("broker %s did not take an MQTT 5 connection; trying 3.1.1", broker_url)
+            log.info("broker %s did not take an MQTT 5 connection; trying 3.1.1", redact_url(broker_url))
             self.close()
-        if not self._connected.is_set():
+        if self._connected.is_set():
+            log.info("connected to %s (MQTT %s)", redact_url(broker_url), "5" if protocol == mqtt.MQTTv5 else "3.1.1")
+        else:
             self.close()
+            self._raise_tls_refusal(broker_url)
             tried = "MQTT 5 or 3.1.1" if mqtt_version == "auto" else f"MQTT {mqtt_version}"
-            raise EdgeDeployError(f"the MQTT broker at {broker_url} did not accept the connection ({tried}); "
-                                  "check the URL, the credentials and --mqtt-version")
+            raise EdgeDeployError(f"the MQTT broker at {redact_url(broker_url)} did not accept the connection "
+                                  f"({tried}); check the URL, the credentials and --mqtt-version")
+
+    def _raise_tls_refusal(self, broker_url: str) -> None:
+        """Raise the reason TLS fails, when it does (paho only says the connection was lost)."""
+        if self._tls is not None:
+            reason = tls_refusal(self._url.hostname or "127.0.0.1", self._url.port or 8883, self._tls)
+            if reason is not None:
+                raise EdgeDeployError(f"cannot connect to the MQTT broker at {redact_url(broker_url)}: {reason}")
 
     def _open(self, broker_url: str, protocol: Any) -> Any:
         import paho.mqtt.client as mqtt
@@ -414,18 +434,23 @@ class _Link:
                              protocol=protocol)
         if url.username:
             client.username_pw_set(url.username, url.password)
-        if url.scheme == "mqtts":
-            client.tls_set()
+        if self._tls is not None:
+            client.tls_set_context(self._tls)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.suppress_exceptions = True  # belt and braces: our callbacks contain and log their own errors
         client.reconnect_delay_set(1, 2)
+        client.max_inflight_messages_set(1000)  # a wave of thousands of orders is not sent 20 at a time
         try:
             port = url.port or (8883 if url.scheme == "mqtts" else 1883)
             client.connect(url.hostname or "127.0.0.1", port, keepalive=30)
+        except ssl.SSLError:
+            self._raise_tls_refusal(broker_url)
+            raise EdgeDeployError(f"TLS with the MQTT broker at {redact_url(broker_url)} failed") from None
         except OSError as exc:
-            raise EdgeDeployError(f"cannot reach the MQTT broker at {broker_url} ({exc}); is it running?") from None
+            raise EdgeDeployError(f"cannot reach the MQTT broker at {redact_url(broker_url)} ({exc}); "
+                                  "is it running?") from None
         client.loop_start()
         return client
 
@@ -440,7 +465,8 @@ class _Link:
             self._answer.set()
             log.warning("broker refused the connection: %s", reason_code)
             return
-        client.subscribe([(topic("+", kind, self.prefix), 1) for kind in self.KINDS])
+        kinds = dict.fromkeys((*self.KINDS, "responses"))  # answers to requests, whatever a subclass adds
+        client.subscribe([(topic("+", kind, self.prefix), 1) for kind in kinds])
         self._connected.set()
         self._answer.set()
 
@@ -462,6 +488,9 @@ class _Link:
         except ValidationError as exc:
             log.info("ignoring a message on %s: %s", brief(message.topic, 200), exc)
             return
+        if kind == "responses":
+            self._deliver(device_id, body)
+            return
         if kind not in ("reported", "status", "desired"):
             self._other(kind, device_id, body)
             return
@@ -482,6 +511,30 @@ class _Link:
     def _other(self, kind: str, device_id: str, body: dict[str, Any] | None) -> None:
         """A message of a kind beyond the retained three (telemetry, events, ...); ignored here."""
 
+    def _deliver(self, device_id: str, response: dict[str, Any] | None) -> None:
+        if response is None or response.get("device_id") != device_id:
+            log.info("ignoring a response on %s's topic that names device %r", device_id,
+                     brief(str((response or {}).get("device_id")), 80))
+            return
+        for listener in list(self._listeners):
+            try:
+                listener(response)
+            except Exception:  # one listener's bug must not starve the others or the network loop
+                log.exception("a response listener failed")
+
+    def on_response(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``listener(response)`` (from paho's thread) for every response a device publishes."""
+        self._listeners.append(listener)
+
+    def publish_request(self, device_id: str, message: dict[str, Any]) -> None:
+        """Publish a signed request (QoS 1, not retained); paho resends it if the link is reconnecting."""
+        import paho.mqtt.client as mqtt
+
+        info = self._client.publish(topic(device_id, "requests", self.prefix), encode_message("requests", message),
+                                    qos=1, retain=False)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            raise EdgeDeployError(f"the request for {device_id} could not be sent ({mqtt.error_string(info.rc)})")
+
     def settle(self, quiet: float = 0.3, limit: float = 3.0) -> None:
         """Wait until retained messages stopped arriving (``quiet`` seconds without one)."""
         deadline = time.monotonic() + limit
@@ -496,21 +549,48 @@ class _Link:
 
     def publish_desired(self, device_id: str, message: dict[str, Any]) -> None:
         """Publish a retained QoS 1 desired state (a signed order) and wait for the broker to take it."""
-        info = self._client.publish(topic(device_id, "desired", self.prefix), encode_message("desired", message),
-                                    qos=1, retain=True)
-        deadline = time.monotonic() + 30
-        while not info.is_published() and time.monotonic() < deadline:
-            try:
-                info.wait_for_publish(1.0)
-            except (RuntimeError, ValueError):
-                time.sleep(0.2)  # not connected right now: paho resends once it reconnects
-        if not info.is_published():
-            raise EdgeDeployError(f"the broker did not acknowledge the order for {device_id}; is it running?")
+        self.publish_desired_many([(device_id, message)])
+
+    def publish_desired_many(self, orders: list[tuple[str, dict[str, Any]]], timeout: float = 30.0) -> None:
+        """Publish many retained QoS 1 orders at once, then wait until the broker acknowledged all of them."""
+        infos = [(device_id, self._client.publish(topic(device_id, "desired", self.prefix),
+                                                  encode_message("desired", message), qos=1, retain=True))
+                 for device_id, message in orders]
+        deadline = time.monotonic() + timeout
+        for device_id, info in infos:
+            while not info.is_published() and time.monotonic() < deadline:
+                try:
+                    info.wait_for_publish(max(0.01, min(1.0, deadline - time.monotonic())))
+                except (RuntimeError, ValueError):
+                    time.sleep(0.2)  # not connected right now: paho resends once it reconnects
+            if not info.is_published():
+                raise EdgeDeployError(f"the broker did not acknowledge the order for {device_id}; is it running?")
 
     def close(self) -> None:
         """Disconnect."""
         self._client.disconnect()
         self._client.loop_stop()
+
+
+def _tls_context(scheme: str, tls: BrokerTLS | None) -> ssl.SSLContext | None:
+    """The checked TLS context of an ``mqtts://`` link; None for ``mqtt://`` (refused with TLS files)."""
+    if scheme != "mqtts":
+        if tls is not None and (tls.ca_file or tls.cert_file or tls.key_file):
+            raise UsageError("a CA file or client certificate was given for an mqtt:// broker: use mqtts://")
+        return None
+    tls = tls or BrokerTLS()
+    tls.check()
+    return tls.context()
+
+
+def broker_tls(ca_file: Path | None = None, cert_file: Path | None = None, key_file: Path | None = None,
+               environ: Mapping[str, str] = os.environ) -> BrokerTLS:
+    """The controller's broker TLS files: those given, else ``$EDGEDEPLOY_BROKER_CA``, ``_CERT``, ``_KEY``."""
+    def pick(given: Path | None, variable: str) -> Path | None:
+        return given if given is not None else (Path(environ[variable]) if environ.get(variable) else None)
+
+    return BrokerTLS(pick(ca_file, "EDGEDEPLOY_BROKER_CA"), pick(cert_file, "EDGEDEPLOY_BROKER_CERT"),
+                     pick(key_file, "EDGEDEPLOY_BROKER_KEY"), names=("--ca-file", "--tls-cert", "--tls-key"))
 
 
 MQTTControllerLink = _Link  # the controller side of the MQTT fleet transport (its entry point's target)
@@ -520,28 +600,40 @@ class FleetController:
     """Lists devices and runs rollouts; every step is persisted so a restart resumes a rollout."""
 
     def __init__(self, broker_url: str = DEFAULT_BROKER, prefix: str = DEFAULT_PREFIX,
-                 home: Path | None = None, mqtt_version: str = "auto", order_ttl_s: float = ORDER_TTL_S) -> None:
+                 home: Path | None = None, mqtt_version: str = "auto", order_ttl_s: float = ORDER_TTL_S,
+                 tls: BrokerTLS | None = None) -> None:
         self.broker_url = broker_url
+        self.tls = tls  # an mqtts:// broker's CA file and client identity (see broker_tls)
         self.prefix = prefix
         self.mqtt_version = mqtt_version
         self.home = Path(home) if home else edgedeploy_home()
         self.order_ttl_s = order_ttl_s
         self.sequences = SequenceCounter(self.home)
         self._link: ControllerTransport | None = None
+        self._ops: FleetOps | None = None
 
     # -- connection --------------------------------------------------------------------------
     def _connect(self) -> ControllerTransport:
         if self._link is None:
-            self._link = controller_transport(self.broker_url)(self.broker_url, self.prefix,
-                                                               mqtt_version=self.mqtt_version)
+            options: dict[str, Any] = {"mqtt_version": self.mqtt_version}
+            if self.tls is not None:  # a transport without TLS never sees the option
+                options["tls"] = self.tls
+            self._link = controller_transport(self.broker_url)(self.broker_url, self.prefix, **options)
             self._link.settle()
         return self._link
+
+    def operations(self) -> FleetOps:
+        """Requests to devices (logs, run-time parameters, restarts) over this controller's link."""
+        if self._ops is None:
+            self._ops = FleetOps(self._connect(), self.home)
+        return self._ops
 
     def close(self) -> None:
         """Disconnect from the broker."""
         if self._link is not None:
             self._link.close()
             self._link = None
+            self._ops = None
 
     def __enter__(self) -> FleetController:
         return self
@@ -557,6 +649,19 @@ class FleetController:
             ids = sorted(set(link.reported) | set(link.status))
             return [self._device_row(link, d) for d in ids]
 
+    def select(self, selector: str) -> list[dict[str, Any]]:
+        """The devices ``selector`` picks: the online ones, and every one ``device:`` names.
+
+        NotFoundError when ``device:`` names a device that never reported.
+        """
+        chosen = DeviceSelector.parse(selector)
+        rows = [d for d in self.devices() if chosen.matches(d) and (d["online"] or chosen.kind == "device")]
+        if chosen.kind == "device":
+            missing = sorted(set(chosen.values) - {d["device_id"] for d in rows})
+            if missing:
+                raise NotFoundError(f"unknown device(s): {', '.join(missing)}; see `edgedeploy fleet devices`")
+        return rows
+
     @staticmethod
     def _device_row(link: ControllerTransport, device_id: str) -> dict[str, Any]:
         return device_row(device_id, link.reported.get(device_id) or {}, link.status.get(device_id) or {},
@@ -567,15 +672,11 @@ class FleetController:
                 wave: str | int = "25%", max_failures: str | float = "10%", wait: bool = False,
                 wave_timeout: float = 300.0) -> str:
         """Start (and with ``wait`` finish) a rollout of ``bundle_path`` to the selected devices."""
-        chosen = DeviceSelector.parse(selector)
+        DeviceSelector.parse(selector)
         parse_wave(wave)
         target = publish_target(bundle_path, server_url, self.home)
         name = target["model"]["name"]
-        rows = [d for d in self.devices() if chosen.matches(d) and (d["online"] or chosen.kind == "device")]
-        if chosen.kind == "device":
-            missing = sorted(set(chosen.values) - {d["device_id"] for d in rows})
-            if missing:
-                raise NotFoundError(f"unknown device(s): {', '.join(missing)}; see `edgedeploy fleet devices`")
+        rows = self.select(selector)
         link = self._connect()
         previous = {d["device_id"]: self._previous(link, d["device_id"], name, server_url) for d in rows}
         rollout_id = f"r-{time.strftime('%Y%m%d%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"

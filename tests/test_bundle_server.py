@@ -1,13 +1,17 @@
-"""The bundle server, for real: full and ranged GETs, HEAD, ETag, 404, 416 and path traversal."""
+"""The bundle server, for real: full and ranged GETs, HEAD, ETag, 404, 416, path traversal and tokens."""
 
 from __future__ import annotations
 
 import http.client
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from edge_agent.auth import create_token_file, read_token
+from edge_agent.download import download_bundle
+from edge_agent.errors import DeploymentError, ValidationError
 from packager.bundle_server import BundleServer, publish_bundle
 
 
@@ -81,3 +85,62 @@ def test_unknown_bundle_is_404(server: BundleServer) -> None:
 def test_paths_outside_the_store_are_refused(server: BundleServer, bundle: tuple[str, str, bytes],
                                              path: str) -> None:
     assert request(server, "GET", path)[0] == 404
+
+
+@pytest.fixture
+def token_file(tmp_path: Path) -> Path:
+    path = tmp_path / "bundle.token"
+    assert create_token_file(path) and not create_token_file(path)  # an existing file is never replaced
+    return path
+
+
+@pytest.fixture
+def guarded(edgedeploy_home: Path, token_file: Path) -> Iterator[BundleServer]:
+    srv = BundleServer(port=0, token_file=token_file)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def test_a_token_file_makes_every_request_bear_a_token_and_ranges_still_work(
+        guarded: BundleServer, bundle: tuple[str, str, bytes], token_file: Path) -> None:
+    _, url_path, data = bundle
+    token = read_token(token_file)
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {token}"},
+                    {"Authorization": "Bearer "}):
+        for method in ("GET", "HEAD"):
+            status, answer, body = request(guarded, method, url_path, headers)
+            assert status == 401 and answer["www-authenticate"] == "Bearer", (headers, status)
+            if method == "GET":
+                assert "error" in json.loads(body) and token not in body.decode()
+    bearer = {"Authorization": f"Bearer {token}"}
+    assert request(guarded, "GET", f"/bundles/{'0' * 64}.edb", bearer)[0] == 404
+    status, _, body = request(guarded, "GET", url_path, bearer)
+    assert status == 200 and body == data
+    status, _, tail = request(guarded, "GET", url_path, {**bearer, "Range": "bytes=-4"})
+    assert status == 206 and tail == b"tail"
+
+    # rotation: a second line is accepted at once, and the first stops working when it is removed
+    token_file.write_text(f"{token}\nnew-token-for-the-fleet\n")
+    assert request(guarded, "GET", url_path, {"Authorization": "Bearer new-token-for-the-fleet"})[0] == 200
+    token_file.write_text("new-token-for-the-fleet\n")
+    assert request(guarded, "GET", url_path, bearer)[0] == 401
+
+
+def test_the_agent_download_sends_the_token_and_resumes_with_range(
+        guarded: BundleServer, bundle: tuple[str, str, bytes], token_file: Path, tmp_path: Path) -> None:
+    sha, url_path, data = bundle
+    folder = tmp_path / "downloads"
+    with pytest.raises(DeploymentError, match="HTTP 401"):
+        download_bundle(guarded.url + url_path, sha, folder)
+    folder.mkdir(exist_ok=True)
+    (folder / f"{sha}.part").write_bytes(data[:1000])  # a cut transfer: only the rest is asked for
+    path = download_bundle(guarded.url + url_path, sha, folder, token=read_token(token_file))
+    assert path.read_bytes() == data
+
+
+def test_an_empty_token_file_is_refused_at_start(edgedeploy_home: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty.token"
+    empty.write_text("# no token yet\n")
+    with pytest.raises(ValidationError, match="holds no token"):
+        BundleServer(port=0, token_file=empty)

@@ -22,7 +22,7 @@ from edge_agent.transport import (
 class LoopTransport:
     """A device transport that keeps what it is given (what a third-party module would provide)."""
 
-    def __init__(self, config: Any, on_desired: Any, on_connected: Any = None) -> None:
+    def __init__(self, config: Any, on_desired: Any, on_connected: Any = None, on_request: Any = None) -> None:
         self.connected = threading.Event()
         self.sent: list[tuple[str, dict[str, Any]]] = []
 
@@ -46,7 +46,8 @@ def test_mqtt_is_installed_on_both_sides_and_meets_the_protocols(tmp_path: Path)
     assert controller_transport("mqtt://127.0.0.1:1883") is MQTTControllerLink
     config = parse_agent_config({"device_id": "pi-1", "broker": "mqtt://127.0.0.1:1", "data_dir": "d"}, base=tmp_path)
     assert isinstance(AgentLink(config, lambda message: None), DeviceTransport)
-    assert all(hasattr(MQTTControllerLink, name) for name in ("settle", "wait_change", "publish_desired", "close"))
+    assert all(hasattr(MQTTControllerLink, name) for name in ("settle", "wait_change", "publish_desired",
+                                                                "publish_request", "on_response", "close"))
 
 
 def test_an_unknown_scheme_is_one_clear_error_on_both_sides(tmp_path: Path) -> None:

@@ -57,8 +57,10 @@ class LoadedModel(Protocol):
     declared tensors has none, and its requests skip tensor validation. ``inline`` says a call is
     so cheap that the data plane runs it on the event loop instead of a worker thread. ``failure``
     is set when the model loaded but cannot answer (an entry script whose ``init()`` raised): the
-    repository then keeps it unavailable with that reason. :class:`ModelSpecs` supplies
-    ``inputs``, ``outputs``, ``inline = False`` and ``failure = None``.
+    repository then keeps it unavailable with that reason. ``configure`` takes the run-time
+    parameters a ``config`` request set (:mod:`edge_agent.operations`) and raises an
+    ``EdgeDeployError`` to refuse them. :class:`ModelSpecs` supplies ``inputs``, ``outputs``,
+    ``inline = False``, ``failure = None`` and a ``configure`` that accepts any parameters.
     """
 
     info: ModelInfo
@@ -77,6 +79,8 @@ class LoadedModel(Protocol):
 
     def schema(self) -> dict[str, Any] | None: ...
 
+    def configure(self, params: dict[str, Any]) -> None: ...
+
     def unload(self) -> None: ...
 
 
@@ -86,11 +90,12 @@ class RuntimeBackend(Protocol):
     def __call__(self, bundle_dir: Path, manifest: BundleManifest, info: ModelInfo) -> LoadedModel: ...
 
 
-_MEMBERS = ("info", "inline", "failure", "inputs", "outputs", "infer", "score", "schema", "unload")
+_MEMBERS = ("info", "inline", "failure", "inputs", "outputs", "infer", "score", "schema", "configure", "unload")
 
 
 class ModelSpecs:
-    """Mixin for backends: ``inputs``/``outputs`` read through to ``info``; not inline, no failure."""
+    """Mixin for backends: ``inputs``/``outputs`` read through to ``info``; not inline, no failure,
+    run-time parameters accepted and left unused."""
 
     info: ModelInfo
     inline: bool = False
@@ -105,6 +110,9 @@ class ModelSpecs:
     def outputs(self) -> list[TensorSpec]:
         """The model's output specs."""
         return self.info.outputs
+
+    def configure(self, params: dict[str, Any]) -> None:
+        """A backend without run-time parameters (onnxruntime, FPGA) takes any: they are only reported."""
 
 
 class TensorScoring(ModelSpecs):

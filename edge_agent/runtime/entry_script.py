@@ -6,7 +6,9 @@ keyword arguments (the decorators convert them to numpy/pandas); any other ``run
 body: the JSON text as ``str`` (Azure ML scripts call ``json.loads`` on it themselves), or
 ``bytes`` for a non-JSON body such as an image. While the model
 loads, ``AZUREML_MODEL_DIR`` and ``EDGEDEPLOY_MODEL_DIR`` name the bundle's ``model`` folder, and
-the bundle's source folder is importable.
+the bundle's source folder is importable. A script may also define ``configure(params)``: it gets
+the run-time parameters a ``config`` request set (``edgedeploy fleet config``), after ``init()``
+and on every change; what it raises refuses them.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.bundle import BundleManifest
-from edge_agent.errors import BundleError, InferenceError, InvalidInputError, ModelNotReadyError
+from edge_agent.errors import BundleError, InferenceError, InvalidInputError, ModelNotReadyError, ValidationError
 from edge_agent.runtime.base import CURRENT_MODEL_DIR, ModelInfo, ModelSpecs
 
 __all__ = ["EntryScriptModel", "ensure_requirements", "load"]
@@ -175,6 +177,23 @@ class EntryScriptModel(ModelSpecs):
 
     def schema(self) -> dict[str, Any] | None:
         return self._schema
+
+    def configure(self, params: dict[str, Any]) -> None:
+        """Hand run-time parameters to the script's ``configure(params)``, when it defines one.
+
+        It gets the whole set each time, never a difference. What it raises refuses them
+        (ValidationError with its message), and the agent keeps the previous set.
+        """
+        hook = getattr(self.module, "configure", None)
+        if not callable(hook):
+            return
+        token = CURRENT_MODEL_DIR.set(self.info.bundle_dir / "model")
+        try:
+            hook(dict(params))
+        except Exception as exc:  # noqa: BLE001 - user code: its refusal is the request's error
+            raise ValidationError(f"configure() refused the parameters: {type(exc).__name__}: {exc}") from None
+        finally:
+            CURRENT_MODEL_DIR.reset(token)
 
     def unload(self) -> None:
         sys.modules.pop(self.module.__name__, None)

@@ -1,4 +1,4 @@
-"""``edgedeploy bundle``: inspect, verify and safely extract bundles."""
+"""``edgedeploy bundle``: inspect, verify and safely extract bundles, and export one for offline devices."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 from edge_agent.bundle import BundleManifest, SignatureInfo, bundle_sha256, open_bundle, read_manifest, verify_bundle
 from packager.cli.output import print_json, print_table
+from packager.tuf_repo import parse_duration
 
 __all__ = ["register"]
 
@@ -26,6 +27,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     extract.add_argument("bundle", type=Path)
     extract.add_argument("-o", "--output", required=True, type=Path)
     extract.set_defaults(func=_extract)
+    export = sub.add_parser("export", help="write a folder (USB stick) with the bundle and its TUF metadata")
+    export.add_argument("bundle", type=Path)
+    export.add_argument("--for-offline", action="store_true", required=True,
+                        help="for `edge-agent install DIR` on a device without network")
+    export.add_argument("-o", "--output", required=True, type=Path)
+    export.add_argument("--valid-for", type=parse_duration, metavar="DURATION",
+                        help="re-sign snapshot and timestamp to stay valid this long (e.g. 14d; default: as published)")
+    export.add_argument("--json", action="store_true")
+    export.set_defaults(func=_export)
 
 
 def _signature_text(info: SignatureInfo) -> str:
@@ -76,6 +86,22 @@ def _inspect(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     manifest = verify_bundle(args.bundle)
     print(f"ok: {args.bundle} ({manifest.name}:{manifest.version or '-'}, {len(manifest.files)} files verified)")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from packager.offline import export_offline  # brings the agent's install code: only when exporting
+
+    document = export_offline(args.bundle, args.output, valid_for=args.valid_for)
+    if args.json:
+        print_json(document)
+        return 0
+    model = document["model"]
+    print(f"wrote {args.output} for {model['name']}:{model['version']} (bundle {document['bundle_sha256'][:12]})")
+    if document["metadata"] is None:
+        print("note: no TUF repository here (edgedeploy repo init): devices with tuf_root refuse this folder")
+    else:
+        print(f"its TUF metadata expires at {document['metadata_expires']}")
     return 0
 
 

@@ -14,16 +14,31 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.errors import UsageError
+from packager.cli import fleet_ca, fleet_ops
 from packager.cli.fleet_control import add_controller_options, bundle_server_default, register_deployments, remote
 from packager.cli.output import print_json, print_table, progress
 from packager.cli.rollout_view import RolloutView, follow, summary_line
-from packager.fleet import DEFAULT_BROKER, TERMINAL, DeviceSelector, FleetController, parse_wave, publish_target
+from packager.fleet import (
+    DEFAULT_BROKER,
+    TERMINAL,
+    DeviceSelector,
+    FleetController,
+    broker_tls,
+    parse_wave,
+    publish_target,
+)
 
 __all__ = ["register"]
 
+_TLS_OPTIONS = {  # an mqtts:// broker's CA and the controller's identity (edgedeploy fleet enroll --controller)
+    "--ca-file": "CA file of the broker's certificate (default $EDGEDEPLOY_BROKER_CA, else the system's CAs)",
+    "--tls-cert": "the controller's client certificate (default $EDGEDEPLOY_BROKER_CERT)",
+    "--tls-key": "its key (default $EDGEDEPLOY_BROKER_KEY)",
+}
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``fleet devices|rollout|status|abort`` to the CLI."""
+    """Add ``fleet devices|rollout|status|abort`` and ``fleet logs|config|restart`` to the CLI."""
     parser = subparsers.add_parser("fleet", help="devices and rollouts over MQTT")
     broker_help = f"broker URL (default $EDGEDEPLOY_BROKER, else {DEFAULT_BROKER})"
     parser.add_argument("--broker", default=None, help=broker_help)
@@ -34,8 +49,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     version_help = "MQTT protocol: auto (5, falling back to 3.1.1), 5 or 3.1.1 (default auto)"
     for where, default in ((parser, "auto"), (common, argparse.SUPPRESS)):
         where.add_argument("--mqtt-version", choices=("auto", "5", "3.1.1"), default=default, help=version_help)
+    for where, missing in ((parser, None), (common, argparse.SUPPRESS)):
+        for option, text in _TLS_OPTIONS.items():
+            where.add_argument(option, type=Path, default=missing, help=text)
     add_controller_options(parser, common)
     sub = parser.add_subparsers(dest="fleet_command", metavar="ACTION", required=True)
+    fleet_ca.register(sub)
 
     devices = sub.add_parser("devices", parents=[common], help="devices and what they run")
     devices.add_argument("--json", action="store_true")
@@ -67,11 +86,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     abort.set_defaults(func=_abort)
 
     register_deployments(sub, common)
+    fleet_ops.register(sub, common, _controller)
 
 
 def _controller(args: argparse.Namespace) -> FleetController:
-    return FleetController(args.broker or os.environ.get("EDGEDEPLOY_BROKER") or DEFAULT_BROKER,
-                           mqtt_version=args.mqtt_version)
+    url = args.broker or os.environ.get("EDGEDEPLOY_BROKER") or DEFAULT_BROKER
+    # the $EDGEDEPLOY_BROKER_* files count for mqtts:// only; options given for mqtt:// are refused
+    tls = broker_tls(args.ca_file, args.tls_cert, args.tls_key, os.environ if url.startswith("mqtts://") else {})
+    return FleetController(url, mqtt_version=args.mqtt_version, tls=tls)
 
 
 _DEVICE_FIELDS = ("device_id", "online", "model", "model_version", "bundle_sha256", "state", "last_seen", "groups",

@@ -1,4 +1,4 @@
-"""``edgedeploy keys``: signing keys and the local trust store."""
+"""``edgedeploy keys``: signing keys, the local trust store, and rotating the TUF repository's keys."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 from packager import keys
 from packager.cli.output import print_json, print_table
+from packager.tuf_repo import ROLES, TufRepository
 
 __all__ = ["register"]
 
@@ -26,7 +27,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     exp = sub.add_parser("export", help="write a signing key's public key, for devices")
     exp.add_argument("--name", default=None)
     exp.add_argument("-o", "--output", required=True, type=Path)
+    exp.add_argument("--tuf-root", type=Path, metavar="FILE",
+                     help="also write the TUF repository's newest root here (a device's tuf_root)")
     exp.set_defaults(func=_export)
+
+    rotate = sub.add_parser("rotate", help="replace a TUF role's keys (root, targets, snapshot, timestamp); "
+                                           "the old ones are revoked by a new root signed by old and new root keys")
+    rotate.add_argument("role", choices=ROLES)
+    rotate.add_argument("--json", action="store_true")
+    rotate.set_defaults(func=_rotate)
 
     trust = sub.add_parser("trust", help="trust another signer's public key")
     trust.add_argument("file", type=Path)
@@ -51,6 +60,19 @@ def _list(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     key_id = keys.export_public_key(args.output, args.name)
     print(f"wrote public key {key_id} and the controller's order key to {args.output}")
+    if args.tuf_root is not None:
+        version = TufRepository.open().export_root(args.tuf_root)
+        print(f"wrote TUF root version {version} to {args.tuf_root}")
+    return 0
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    result = TufRepository.open().rotate(args.role)
+    if args.json:
+        print_json(result)
+    else:
+        print(f"rotated {args.role}: {len(result['revoked'])} key(s) revoked, new root version "
+              f"{result['root_version']}; devices take it with their next update")
     return 0
 
 

@@ -20,7 +20,7 @@ from edge_agent.exit_codes import exit_code_of
 __all__ = ["exit_code_of", "main"]
 
 # Each module defines register(subparsers); a command's handler is stored as ``func``.
-_GROUPS = ("model", "keys", "profile", "package", "bundle", "deploy", "service", "serve", "fleet", "image",
+_GROUPS = ("model", "keys", "profile", "package", "bundle", "deploy", "service", "serve", "fleet", "image", "repo",
            "controller")
 # Cloud-side libraries that the device install leaves out, and the extra of pyproject.toml that brings each.
 _EXTRA_OF = {"onnx": "packager", "onnxconverter_common": "packager", "docker": "cloud", "kubernetes": "cloud",
@@ -37,7 +37,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The full ``edgedeploy`` parser."""
     parser = _Parser(prog="edgedeploy", description="Take a trained model from a file to a fleet of devices.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details on stderr")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log progress details on stderr (-vv: debug details too)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     subparsers.required = True
     for group in _GROUPS:
@@ -82,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         args = build_parser().parse_args(argv)
         logging.basicConfig(
-            level=logging.INFO if args.verbose else logging.WARNING,
+            level={0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG),
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
             stream=sys.stderr,
         )

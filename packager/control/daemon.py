@@ -22,7 +22,7 @@ from pathlib import Path
 from edge_agent.errors import UsageError
 from edge_agent.fleet_messages import DEFAULT_PREFIX
 from packager.control.engine import ControlPlane
-from packager.control.store import Store
+from packager.control.store import Store, redact_url
 
 __all__ = ["DEFAULT_RETENTION_S", "read_tokens", "run_controller"]
 
@@ -78,7 +78,7 @@ def run_controller(store_url: str, broker_url: str, host: str = "127.0.0.1", por
         except OSError as exc:
             await runner.cleanup()
             raise UsageError(f"--port: cannot listen on {host}:{port} ({exc.strerror})") from None
-        log.info("controller on http://%s:%d (store %s, broker %s)", host, port, store.url, broker_url)
+        log.info("controller on http://%s:%d (store %s, broker %s)", host, port, store.url, redact_url(broker_url))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -58,7 +58,7 @@ from packager.control.policy import (
     stats_from_telemetry,
     too_many_failures,
 )
-from packager.control.store import Store
+from packager.control.store import Store, redact_url
 from packager.fleet import DeviceSelector, MQTTControllerLink, compose_desired, device_row, model_report, own_order
 
 __all__ = ["ControlPlane", "Rollout"]
@@ -302,8 +302,8 @@ class ControlPlane:
                 log.exception("controller tick failed")
                 busy = False
                 self._stop.wait(1.0)
-            if not busy and self.link is not None:
-                self.link.wait_change(self.tick_s)
+            if not busy:  # a steady beat, not one tick per message: a tick scans the open rollouts
+                self._stop.wait(self.tick_s)
 
     def _take_lead(self) -> None:
         """Load deployments, rollouts and devices from the store; resend orders that may be lost."""
@@ -355,8 +355,8 @@ class ControlPlane:
                     busy |= self._step(rollout, now, sends)
             orders = self._sign(sends)
             self._flush()
-        for device_id, message in orders:
-            self.link.publish_desired(device_id, message)  # outside the lock: the API stays responsive
+        if orders:
+            self.link.publish_desired_many(orders)  # outside the lock: the API stays responsive
         if time.time() - self._last_prune > PRUNE_EVERY_S:
             self._last_prune = time.time()
             removed = self.store.prune(self.retention_s)
@@ -745,7 +745,8 @@ class ControlPlane:
     def health(self) -> dict[str, Any]:
         """Leadership, store, broker and counts."""
         link = self.link
-        return {"leader": self.leading, "holder": self.holder, "store": self.store.url, "broker": self.broker_url,
+        return {"leader": self.leading, "holder": self.holder, "store": self.store.url,
+                "broker": redact_url(self.broker_url),
                 "connected": bool(link and link._connected.is_set()), "devices": len(self._devices),
                 "deployments": len(self._deployments),
                 "open_rollouts": sum(1 for r in self._rollouts.values() if r.open)}
@@ -1014,6 +1015,8 @@ class ControlPlane:
             if self._ops is None:
                 from packager.fleet_ops import FleetOps
 
+                if self.link is None:
+                    raise UnavailableError("the controller is not connected to the broker yet; retry")
                 self._ops = FleetOps(self.link, self.home)
         return dict(self._ops.request(device_id, op, args or {}, model=model, timeout=timeout))
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from edge_agent.atomic import atomic_write_bytes
 from edge_agent.errors import UsageError
 from packager.targets.store import check_service_name
 
@@ -312,19 +313,24 @@ def write_manifests(docs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
 
     ``all.yaml`` is the plain set (Deployment, Service, HPA with their Secret and ConfigMap);
     ``kserve.yaml`` is the KServe set (InferenceService with the same Secret and ConfigMap). Apply
-    one of them, not both: each starts its own pods.
+    one of them, not both: each starts its own pods. A file that holds a Secret (the service's
+    keys) is mode 0600.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     for index, doc in enumerate(docs):
         name = f"{index:02d}-{doc['kind'].lower()}-{doc['metadata']['name']}.yaml"
-        path = out_dir / name
-        path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
-        paths.append(path)
+        _write_documents(out_dir / name, [doc])
+        paths.append(out_dir / name)
     plain = [doc for doc in docs if doc["kind"] != "InferenceService"]
-    (out_dir / "all.yaml").write_text(yaml.safe_dump_all(plain, sort_keys=False), encoding="utf-8")
+    _write_documents(out_dir / "all.yaml", plain)
     if len(plain) < len(docs):
         shared = [doc for doc in docs if doc["kind"] in ("Secret", "ConfigMap", "InferenceService")]
-        (out_dir / "kserve.yaml").write_text(yaml.safe_dump_all(shared, sort_keys=False), encoding="utf-8")
+        _write_documents(out_dir / "kserve.yaml", shared)
     return paths
+
+
+def _write_documents(path: Path, docs: list[dict[str, Any]]) -> None:
+    secret = any(doc["kind"] == "Secret" for doc in docs)
+    atomic_write_bytes(path, yaml.safe_dump_all(docs, sort_keys=False).encode("utf-8"), mode=0o600 if secret else 0o644)

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from bench.fleet_sim import FleetSimulator
 from bench.sim_devices import VersionBehaviour
-
 from edge_agent.errors import NotFoundError, UsageError
 from packager.control.engine import ControlPlane
 from packager.control.store import Store
