@@ -184,6 +184,33 @@ def test_a_deployment_converges_its_target_and_leaves_the_rest(fleet: Controller
     assert [d["name"] for d in fleet.get(f"{API_PREFIX}/deployments")["deployments"]] == ["scorer-milan"]
 
 
+def test_logs_config_and_restart_are_answered_by_the_device(fleet: ControllerFleet) -> None:
+    status, logs = fleet.api("GET", f"{API_PREFIX}/devices/{MILAN}/logs?tail=5")
+    assert status == 200, logs
+    assert 1 <= len(logs["lines"]) <= 5 and all(isinstance(line, str) for line in logs["lines"])
+    status, doc = fleet.api("POST", f"{API_PREFIX}/config",
+                            body={"device": MILAN, "model": "scorer", "params": {"threshold": 0.7}})
+    assert status == 200, doc
+    assert doc["results"][MILAN]["params"]["threshold"] == 0.7
+    status, doc = fleet.api("POST", f"{API_PREFIX}/config",
+                            body={"selector": "tags.site = 'milan'", "model": "scorer", "params": {"mode": "fast"}})
+    assert status == 200 and set(doc["results"]) == {MILAN}, doc
+    assert doc["results"][MILAN]["params"] == {"threshold": 0.7, "mode": "fast"}
+    status, doc = fleet.api("POST", f"{API_PREFIX}/devices/{MILAN}/restart", body={"model": "scorer"})
+    assert status == 200 and doc["model"] == "scorer" and doc["version"] == 1, doc
+    for body, code, words in (({"selector": "tags.site = ", "model": "scorer", "params": {"a": 1}}, 400, "selector: "),
+                              ({"selector": "tags.site = 'oslo'", "model": "scorer", "params": {"a": 1}}, 404,
+                               "selector: no device matches"),
+                              ({"device": MILAN, "selector": "all", "model": "scorer", "params": {"a": 1}}, 400,
+                               "exactly one of 'device' and 'selector'"),
+                              ({"device": MILAN, "model": "scorer", "params": {}}, 400, "params")):
+        status, doc = fleet.api("POST", f"{API_PREFIX}/config", body=body)
+        assert status == code and words in doc["error"], (body, doc)
+    status, doc = fleet.api("GET", f"{API_PREFIX}/devices/{MILAN}/logs?tail=0")
+    assert status == 400 and doc["error"].startswith("tail: ")
+    assert fleet.api("GET", f"{API_PREFIX}/devices/nobody/logs")[0] == 404
+
+
 def test_a_rollout_through_the_api_runs_waves_and_its_events_name_it(fleet: ControllerFleet) -> None:
     spec = {**fleet.spec("detector", 3), "selector": "all", "policy": {"canary": "1", "wave": "1"}}
     status, started = fleet.api("POST", f"{API_PREFIX}/rollouts", body=spec)
