@@ -61,6 +61,8 @@ REQUEST_SCHEMAS: dict[str, dict[str, Any]] = {
     },
 }
 
+_VALIDATORS = {name: jsonschema.Draft202012Validator(schema) for name, schema in REQUEST_SCHEMAS.items()}
+
 _RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
     "Error": {"type": "object", "required": ["error"], "properties": {"error": _STR}},
     "ModelRow": {"type": "object", "properties": {"name": _STR, "version": {"type": ["string", "integer", "null"]},
@@ -119,8 +121,7 @@ _RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
 
 def check_body(document: Any, schema_name: str) -> dict[str, Any]:
     """``document`` when it fits ``REQUEST_SCHEMAS[schema_name]``; else UsageError naming the field."""
-    validator = jsonschema.Draft202012Validator(REQUEST_SCHEMAS[schema_name])
-    error = jsonschema.exceptions.best_match(validator.iter_errors(document))
+    error = jsonschema.exceptions.best_match(_VALIDATORS[schema_name].iter_errors(document))
     if error is None:
         return document  # type: ignore[no-any-return]
     where = ".".join(str(part) for part in error.absolute_path)
