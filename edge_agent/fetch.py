@@ -46,9 +46,9 @@ def fetch_bundle(url: str, sha256: str, folder: Path, limits: DownloadLimits | N
     Raises what :func:`~edge_agent.download.download_bundle` raises; a failed delta never does (it is
     logged, and the whole bundle downloaded), except when ``abandon()`` turned true.
     """
-    check_order(url, sha256)
     folder, limits = Path(folder), limits or DownloadLimits()
     if base is not None and base.bundle_sha256 != sha256 and not (folder / f"{sha256}.edb").is_file():
+        check_order(url, sha256)  # a bundle already in the folder (an offline install's) needs no URL
         try:
             return _rebuild(url, sha256, folder, limits, abandon, base, patch_budget, token)
         except (EdgeDeployError, OSError) as exc:

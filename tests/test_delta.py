@@ -114,7 +114,8 @@ def test_a_copy_from_a_changed_base_file_ends_in_a_sha256_mismatch(bundles: dict
     base = installed(old, tmp_path / "slot")
     model = base.folder / "model" / "model.onnx"
     model.write_bytes(b"\0" + model.read_bytes()[1:])
-    with pytest.raises(DeltaError, match="the rebuilt bundle has sha256"):
+    # the changed byte compresses to other bytes: a wrong hash at the end, or a size past the declared one
+    with pytest.raises(DeltaError, match="the rebuilt bundle (has sha256|grows past)"):
         apply_delta(delta, base, bundle_sha256(new), tmp_path / "out.edb", LIMIT)
     assert not (tmp_path / "out.edb").exists()
 
