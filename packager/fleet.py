@@ -63,6 +63,7 @@ __all__ = [
     "broker_tls",
     "parse_fraction",
     "parse_wave",
+    "publish_target",
     "split_waves",
 ]
 
@@ -319,6 +320,22 @@ class RolloutPlan:
             "rolled_back": self.count("rolled-back"), "current_wave": self.current_wave, "waves": waves,
             "devices": {d: {"state": i["state"], "error": i["error"]} for d, i in sorted(self.devices.items())},
         }
+
+
+def publish_target(bundle_path: Path, server_url: str, home: Path | None = None) -> dict[str, Any]:
+    """Verify a bundle against the local trust store and publish it for the bundle server.
+
+    Returns what an order points at: ``{"bundle_sha256", "bundle_url", "model": {"name", "version"}}``.
+    A bundle that does not verify is refused here, before any device hears of it.
+    """
+    from edge_agent.bundle import verify_bundle
+    from packager.bundle_server import publish_bundle
+
+    home = home or edgedeploy_home()
+    manifest = verify_bundle(Path(bundle_path), TrustStore.local(home))
+    sha, url_path = publish_bundle(Path(bundle_path), home)
+    return {"bundle_sha256": sha, "bundle_url": server_url.rstrip("/") + url_path,
+            "model": {"name": manifest.name, "version": manifest.version}}
 
 
 def _rollouts_dir(home: Path) -> Path:
@@ -655,18 +672,13 @@ class FleetController:
                 wave: str | int = "25%", max_failures: str | float = "10%", wait: bool = False,
                 wave_timeout: float = 300.0) -> str:
         """Start (and with ``wait`` finish) a rollout of ``bundle_path`` to the selected devices."""
-        from edge_agent.bundle import verify_bundle
-        from packager.bundle_server import publish_bundle
-
         DeviceSelector.parse(selector)
         parse_wave(wave)
-        manifest = verify_bundle(Path(bundle_path), TrustStore.local(self.home))
-        sha, url_path = publish_bundle(Path(bundle_path), self.home)
-        target = {"bundle_sha256": sha, "bundle_url": server_url.rstrip("/") + url_path,
-                  "model": {"name": manifest.name, "version": manifest.version}}
+        target = publish_target(bundle_path, server_url, self.home)
+        name = target["model"]["name"]
         rows = self.select(selector)
         link = self._connect()
-        previous = {d["device_id"]: self._previous(link, d["device_id"], manifest.name, server_url) for d in rows}
+        previous = {d["device_id"]: self._previous(link, d["device_id"], name, server_url) for d in rows}
         rollout_id = f"r-{time.strftime('%Y%m%d%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
         plan = RolloutPlan.create(rollout_id, target, selector, previous, canary, wave, max_failures, wave_timeout)
         self._save(plan)
@@ -770,13 +782,19 @@ class FleetController:
             plan = self.step(plan)
         return plan.status()
 
-    def resume(self, rollout_id: str, timeout: float | None = None) -> dict[str, Any]:
-        """Drive a persisted rollout until it ends (or ``timeout`` seconds pass); returns its status."""
+    def resume(self, rollout_id: str, timeout: float | None = None,
+               on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Drive a persisted rollout until it ends (or ``timeout`` seconds pass); returns its status.
+
+        ``on_step`` gets the status after every step (the CLI's live progress).
+        """
         plan = self.load(rollout_id)
         link = self._connect()
         deadline = None if timeout is None else time.monotonic() + timeout
         while plan.state not in TERMINAL:
             plan = self.step(plan)
+            if on_step is not None:
+                on_step(plan.status())
             if plan.state in TERMINAL or (deadline is not None and time.monotonic() > deadline):
                 break
             link.wait_change(0.5)

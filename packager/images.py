@@ -1,10 +1,13 @@
-"""Container images that carry the edge-agent runtime and one signed bundle, unchanged.
+"""Container images: the edge-agent runtime with one signed bundle, unchanged, and the fleet controller.
 
 Builds work offline: Python dependencies go into the build context as a wheelhouse (``pip download``
 on the host, ``pip install --no-index`` in the image), and the default base image is a slim Debian
 made locally with ``debootstrap`` and ``docker import`` (no registry is needed). Layers are ordered
 from least to most specific (base, venv, wheels, bundle, labels) so a rebuild from the same bundle
-and base reuses every cached layer.
+and base reuses every cached layer. The controller's image (:func:`write_controller_context`) shares
+the install layers (the base install plus the ``controller`` extra) and runs ``edgedeploy controller``
+on port 8090, its SQLite store and order key in the ``/var/lib/edgedeploy`` volume and its bearer
+tokens from a mounted secret (it refuses to listen on the network without them).
 """
 
 from __future__ import annotations
@@ -26,13 +29,18 @@ from edge_agent.errors import DeploymentError
 __all__ = [
     "BASE_IMAGE",
     "BUNDLE_PATH",
+    "CONTROLLER_HOME",
+    "CONTROLLER_TOKENS",
     "ImageBuild",
     "RUNTIME_REQUIREMENTS",
+    "build_controller_image",
     "build_image",
     "cache_dir",
+    "controller_requirements",
     "ensure_base_image",
     "image_tag",
     "write_context",
+    "write_controller_context",
 ]
 
 log = logging.getLogger(__name__)
@@ -47,6 +55,26 @@ RUNTIME_REQUIREMENTS = [
     "cryptography>=42", "jsonschema>=4.20", "aiohttp>=3.9", "paho-mqtt>=2.0",
     "onnxconverter-common>=1.14", "docker>=7.0",
 ]
+CONTROLLER_HOME = "/var/lib/edgedeploy"  # EDGEDEPLOY_HOME in the image: the order key and the SQLite store
+CONTROLLER_TOKENS = "/run/secrets/edgedeploy-tokens"  # where `docker run --mount` or a Kubernetes secret puts them
+CONTROLLER_PORT = 8090
+
+
+def controller_requirements() -> list[str]:
+    """What the controller's image installs: the base install (the whole ``edgedeploy`` command line
+    works there) plus the ``controller`` extra (PostgreSQL), as this project's metadata declares them."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    chosen = []
+    for line in requires("edgedeploy") or []:
+        requirement = Requirement(line)
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": "controller"}):
+            continue
+        requirement.marker = None
+        chosen.append(str(requirement))
+    return chosen
 
 
 @dataclass
@@ -113,9 +141,9 @@ def ensure_base_image(client: Any, tag: str = BASE_IMAGE, force: bool = False) -
     return tag
 
 
-def _wheelhouse(force: bool = False) -> Path:
-    """Wheels of the runtime dependencies and of this project (cached by their content)."""
-    key = hashlib.sha256("\n".join(RUNTIME_REQUIREMENTS).encode()).hexdigest()[:12]
+def _wheelhouse(requirements: list[str] = RUNTIME_REQUIREMENTS, force: bool = False) -> Path:
+    """Wheels of ``requirements`` (cached by their content)."""
+    key = hashlib.sha256("\n".join(requirements).encode()).hexdigest()[:12]
     house = cache_dir() / f"wheelhouse-{key}"
     if force and house.exists():
         shutil.rmtree(house)
@@ -123,7 +151,7 @@ def _wheelhouse(force: bool = False) -> Path:
         partial = house.with_name(house.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         _run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "-d",
-              str(partial), *RUNTIME_REQUIREMENTS], "pip download of the runtime dependencies")
+              str(partial), *requirements], "pip download of the image's dependencies")
         partial.replace(house)
     return house
 
@@ -141,7 +169,8 @@ def _project_wheel(dest: Path) -> Path:
     return wheels[-1]
 
 
-_DOCKERFILE = """\
+# The layers both images share: a venv, the wheelhouse installed offline, then this project's wheel.
+_INSTALL = """\
 FROM {base}
 RUN python3 -m venv /opt/edgedeploy
 COPY wheelhouse /wheelhouse
@@ -149,9 +178,31 @@ RUN /opt/edgedeploy/bin/pip install -q --no-index --find-links /wheelhouse {requ
 COPY app /app
 RUN /opt/edgedeploy/bin/pip install -q --no-index --no-deps /app/*.whl
 ENV PATH=/opt/edgedeploy/bin:$PATH PYTHONUNBUFFERED=1
+"""
+_DOCKERFILE = _INSTALL + """\
 COPY bundle/model.edb {bundle_path}
 LABEL edgedeploy.bundle.sha256="{sha}" edgedeploy.service="{name}" edgedeploy.base="{base}"
 """
+# The health check reads /openapi.json, which needs no token; the API itself does.
+_CONTROLLER_DOCKERFILE = _INSTALL + """\
+ENV EDGEDEPLOY_HOME={home}
+RUN useradd --system --home-dir {home} --create-home edgedeploy
+USER edgedeploy
+VOLUME {home}
+EXPOSE {port}
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20s \\
+    CMD python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:{port}/openapi.json', timeout=4)"
+ENTRYPOINT ["edgedeploy", "controller", "--host", "0.0.0.0", "--port", "{port}", "--token-file", "{tokens}"]
+CMD ["--store", "sqlite:///{home}/controller.db"]
+LABEL edgedeploy.role="controller" edgedeploy.base="{base}"
+"""
+
+
+def _fill_install_layers(context: Path, requirements: list[str]) -> str:
+    """Put the wheelhouse and this project's wheel in ``context``; returns the quoted requirements."""
+    shutil.copytree(_wheelhouse(requirements), context / "wheelhouse")
+    _project_wheel(context / "app")
+    return " ".join(f"'{r}'" for r in requirements)
 
 
 def write_context(bundle: Path, name: str, base: str, context: Path) -> str:
@@ -160,14 +211,24 @@ def write_context(bundle: Path, name: str, base: str, context: Path) -> str:
     if not bundle.is_file():
         raise DeploymentError(f"bundle {bundle} does not exist")
     sha = bundle_sha256(bundle)
-    shutil.copytree(_wheelhouse(), context / "wheelhouse")
-    _project_wheel(context / "app")
+    requirements = _fill_install_layers(context, RUNTIME_REQUIREMENTS)
     (context / "bundle").mkdir(parents=True)
     shutil.copyfile(bundle, context / "bundle" / "model.edb")
-    requirements = " ".join(f"'{r}'" for r in RUNTIME_REQUIREMENTS)
     (context / "Dockerfile").write_text(_DOCKERFILE.format(
         base=base, requirements=requirements, bundle_path=BUNDLE_PATH, sha=sha, name=name))
     return sha
+
+
+def _docker_build(client: Any, context: Path, tag: str, what: str) -> Any:
+    """``docker build`` of ``context`` as ``tag``; DeploymentError with the log's tail when it fails."""
+    import docker
+
+    try:
+        image, _logs = client.images.build(path=str(context), tag=tag, rm=True, network_mode="host")
+    except docker.errors.BuildError as exc:
+        tail = "".join(str(line.get("stream", line.get("error", ""))) for line in exc.build_log)
+        raise DeploymentError(f"{what} failed: {tail[-1500:]}") from exc
+    return image
 
 
 def build_image(client: Any, bundle: Path, name: str, base: str = BASE_IMAGE,
@@ -175,7 +236,6 @@ def build_image(client: Any, bundle: Path, name: str, base: str = BASE_IMAGE,
     """Build the serving image for ``bundle``; DeploymentError with the build log tail on failure."""
     import time
 
-    import docker
 
     if base == BASE_IMAGE:
         ensure_base_image(client, base)
@@ -184,10 +244,27 @@ def build_image(client: Any, bundle: Path, name: str, base: str = BASE_IMAGE,
         context = Path(tmp)
         sha = write_context(bundle, name, base, context)
         tag = tag or image_tag(name, sha)
-        try:
-            image, _logs = client.images.build(path=str(context), tag=tag, rm=True, network_mode="host")
-        except docker.errors.BuildError as exc:
-            tail = "".join(str(line.get("stream", line.get("error", ""))) for line in exc.build_log)
-            raise DeploymentError(f"image build for {name} failed: {tail[-1500:]}") from exc
+        image = _docker_build(client, context, tag, f"image build for {name}")
     return ImageBuild(tag, image.id, int(image.attrs.get("Size", 0)),
                       time.monotonic() - started, sha)
+
+
+def write_controller_context(context: Path, base: str = BASE_IMAGE) -> Path:
+    """Fill ``context`` with the controller image's Dockerfile, wheelhouse and project wheel; returns it."""
+    requirements = _fill_install_layers(context, controller_requirements())
+    (context / "Dockerfile").write_text(_CONTROLLER_DOCKERFILE.format(
+        base=base, requirements=requirements, home=CONTROLLER_HOME, port=CONTROLLER_PORT, tokens=CONTROLLER_TOKENS))
+    return context
+
+
+def build_controller_image(client: Any, base: str = BASE_IMAGE,
+                           tag: str = "edgedeploy/controller:latest") -> ImageBuild:
+    """Build the controller's image; DeploymentError with the build log tail on failure."""
+    import time
+
+    if base == BASE_IMAGE:
+        ensure_base_image(client, base)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="edgedeploy-ctl-") as tmp:
+        image = _docker_build(client, write_controller_context(Path(tmp), base), tag, "controller image build")
+    return ImageBuild(tag, image.id, int(image.attrs.get("Size", 0)), time.monotonic() - started, "")

@@ -1,15 +1,32 @@
-"""``edgedeploy fleet``: devices, rollouts in waves, status and abort, over MQTT."""
+"""``edgedeploy fleet``: devices, rollouts in waves, status and abort, over MQTT or through a controller.
+
+Without ``--controller`` the commands talk to the broker directly (:class:`~packager.fleet.FleetController`);
+with it they go through ``edgedeploy controller``'s HTTP API (:mod:`packager.cli.fleet_control`) and print
+the same shapes.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from edge_agent.errors import UsageError
 from packager.cli import fleet_ca, fleet_ops
+from packager.cli.fleet_control import add_controller_options, bundle_server_default, register_deployments, remote
 from packager.cli.output import print_json, print_table, progress
-from packager.fleet import DEFAULT_BROKER, FleetController, broker_tls
+from packager.cli.rollout_view import RolloutView, follow, summary_line
+from packager.fleet import (
+    DEFAULT_BROKER,
+    TERMINAL,
+    DeviceSelector,
+    FleetController,
+    broker_tls,
+    parse_wave,
+    publish_target,
+)
 
 __all__ = ["register"]
 
@@ -35,6 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for where, missing in ((parser, None), (common, argparse.SUPPRESS)):
         for option, text in _TLS_OPTIONS.items():
             where.add_argument(option, type=Path, default=missing, help=text)
+    add_controller_options(parser, common)
     sub = parser.add_subparsers(dest="fleet_command", metavar="ACTION", required=True)
     fleet_ca.register(sub)
 
@@ -46,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rollout.add_argument("bundle", type=Path)
     rollout.add_argument("--to", required=True, dest="selector",
                          help="all, device:ID[,ID...], group:NAME or tag:KEY=VALUE")
-    rollout.add_argument("--server", default=os.environ.get("EDGEDEPLOY_BUNDLE_SERVER", "http://127.0.0.1:8080"),
+    rollout.add_argument("--server", default=bundle_server_default(),
                          help="bundle server URL devices download from (edgedeploy serve)")
     rollout.add_argument("--canary", type=int, default=1, help="devices in the first wave (default 1)")
     rollout.add_argument("--wave", default="25%", help="wave size: N devices or P%% (default 25%%)")
@@ -59,6 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     status = sub.add_parser("status", parents=[common], help="a rollout's progress (no id: every rollout)")
     status.add_argument("rollout_id", nargs="?")
+    status.add_argument("--watch", action="store_true", help="follow the rollout live until it ends")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=_status)
 
@@ -66,6 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     abort.add_argument("rollout_id")
     abort.set_defaults(func=_abort)
 
+    register_deployments(sub, common)
     fleet_ops.register(sub, common, _controller)
 
 
@@ -76,14 +96,21 @@ def _controller(args: argparse.Namespace) -> FleetController:
     return FleetController(url, mqtt_version=args.mqtt_version, tls=tls)
 
 
+_DEVICE_FIELDS = ("device_id", "online", "model", "model_version", "bundle_sha256", "state", "last_seen", "groups",
+                  "tags", "models", "refused")
+
+
 def _devices(args: argparse.Namespace) -> int:
-    with _controller(args) as ctl:
-        rows = ctl.devices()
-    if args.json:
-        print_json([{k: r[k] for k in ("device_id", "online", "model", "model_version", "bundle_sha256",
-                                       "state", "last_seen", "groups", "tags", "models", "refused")} for r in rows])
+    client = remote(args)
+    if client is not None:
+        rows = client.devices()
     else:
-        table = [dict(r, models=", ".join(f"{m['name']}:{m['version']} {m['state']}" for m in r["models"]))
+        with _controller(args) as ctl:
+            rows = ctl.devices()
+    if args.json:
+        print_json([{k: r.get(k) for k in _DEVICE_FIELDS} for r in rows])
+    else:
+        table = [dict(r, models=", ".join(f"{m['name']}:{m['version']} {m['state']}" for m in r.get("models") or []))
                  for r in rows]
         print_table(table, ["device_id", "online", "state", "model", "model_version", "bundle_sha256", "models"])
     return 0
@@ -93,37 +120,94 @@ def _print_status(doc: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print_json(doc)
         return
-    print(f"rollout {doc['rollout_id']}: {doc['state']}  succeeded {doc['succeeded']}  failed {doc['failed']}"
-          f"  pending {doc['pending']}" + (f"  ({doc['reason']})" if doc.get("reason") else ""))
+    print(summary_line(doc))
     print_table(doc["waves"], ["index", "succeeded", "failed", "pending", "rolled_back"])
 
 
+def _ended(doc: dict[str, Any]) -> bool:
+    """A rollout run from here (packager.fleet) is over."""
+    return doc["state"] in TERMINAL
+
+
+def _ended_in_controller(doc: dict[str, Any]) -> bool:
+    """A rollout the controller runs is over (it also supersedes a deployment's older rollouts)."""
+    from packager.control.engine import TERMINAL as CONTROLLER_TERMINAL
+
+    return doc["state"] in CONTROLLER_TERMINAL
+
+
 def _rollout(args: argparse.Namespace) -> int:
-    with _controller(args) as ctl, progress("rolling out" if args.wait else "starting the rollout"):
-        rollout_id = ctl.rollout(args.bundle, args.selector, args.server, canary=args.canary, wave=args.wave,
-                                 max_failures=args.max_failures, wait=args.wait,
-                                 wave_timeout=args.wave_timeout)
-        doc = ctl.status(rollout_id, advance=False)
+    client = remote(args)
+    view = RolloutView(quiet=args.json)
+    if client is not None:
+        DeviceSelector.parse(args.selector)
+        parse_wave(args.wave)
+        policy = {"canary": str(args.canary), "wave": args.wave, "max_failures": args.max_failures,
+                  "wave_timeout": str(args.wave_timeout)}
+        rollout_id = client.start_rollout({**publish_target(args.bundle, args.server), "selector": args.selector,
+                                           "policy": policy})
+        if args.wait:
+            follow(lambda: client.rollout_status(rollout_id), view, _ended_in_controller)
+        doc = client.rollout_status(rollout_id, detail=True)
+    else:
+        with _controller(args) as ctl:
+            with progress("starting the rollout"):
+                rollout_id = ctl.rollout(args.bundle, args.selector, args.server, canary=args.canary, wave=args.wave,
+                                         max_failures=args.max_failures, wave_timeout=args.wave_timeout)
+            if args.wait:
+                try:
+                    view.update(ctl.status(rollout_id, advance=False))
+                    ctl.resume(rollout_id, on_step=view.update)
+                finally:
+                    view.close()
+            doc = ctl.status(rollout_id, advance=False)
     _print_status(doc, args.json)
     return 1 if args.wait and doc["state"] != "succeeded" else 0
 
 
+def _watch_then_read(args: argparse.Namespace, brief: Callable[[], dict[str, Any]],
+                     full: Callable[[], dict[str, Any]], ended: Callable[[dict[str, Any]], bool],
+                     interval: float) -> dict[str, Any]:
+    """With ``--watch``, follow ``brief`` statuses until the rollout ``ended``; then the ``full`` one."""
+    if args.watch:
+        follow(brief, RolloutView(quiet=args.json), ended, interval)
+    return full()
+
+
 def _status(args: argparse.Namespace) -> int:
-    with _controller(args) as ctl:
-        if args.rollout_id is None:
-            rows = ctl.list_rollouts()
-            if args.json:
-                print_json(rows)
-            else:
-                print_table(rows, ["rollout_id", "state", "succeeded", "failed", "pending", "selector"])
-            return 0
-        doc = ctl.status(args.rollout_id)
+    client = remote(args)
+    if args.rollout_id is None:
+        if args.watch:
+            raise UsageError("fleet status --watch needs a ROLLOUT_ID (fleet status lists them)")
+        if client is not None:
+            rows = client.rollouts()
+        else:
+            with _controller(args) as ctl:
+                rows = ctl.list_rollouts()
+        if args.json:
+            print_json(rows)
+        else:
+            print_table(rows, ["rollout_id", "state", "succeeded", "failed", "pending", "selector"])
+        return 0
+    if client is not None:
+        doc = _watch_then_read(args, lambda: client.rollout_status(args.rollout_id),
+                               lambda: client.rollout_status(args.rollout_id, detail=True), _ended_in_controller, 1.0)
+    else:
+        with _controller(args) as ctl:  # each read advances a rollout that runs without a controller
+            def read() -> dict[str, Any]:
+                return ctl.status(args.rollout_id)
+
+            doc = _watch_then_read(args, read, read, _ended, 0.5)
     _print_status(doc, args.json)
     return 0
 
 
 def _abort(args: argparse.Namespace) -> int:
-    with _controller(args) as ctl:
-        doc = ctl.abort(args.rollout_id)
-    print(f"rollout {doc['rollout_id']}: rolled back {doc['rolled_back']} device(s)")
+    client = remote(args)
+    if client is not None:
+        doc = client.abort(args.rollout_id)
+    else:
+        with _controller(args) as ctl:
+            doc = ctl.abort(args.rollout_id)
+    print(f"rollout {doc['rollout_id']}: rolled back {doc.get('rolled_back', 0)} device(s)")
     return 0

@@ -20,7 +20,8 @@ from edge_agent.exit_codes import exit_code_of
 __all__ = ["exit_code_of", "main"]
 
 # Each module defines register(subparsers); a command's handler is stored as ``func``.
-_GROUPS = ("model", "keys", "profile", "package", "bundle", "deploy", "service", "serve", "fleet", "image", "repo")
+_GROUPS = ("model", "keys", "profile", "package", "bundle", "deploy", "service", "serve", "fleet", "image", "repo",
+           "controller")
 # Cloud-side libraries that the device install leaves out, and the extra of pyproject.toml that brings each.
 _EXTRA_OF = {"onnx": "packager", "onnxconverter_common": "packager", "docker": "cloud", "kubernetes": "cloud",
              "hls4ml": "fpga", "qonnx": "fpga"}

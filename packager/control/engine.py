@@ -1010,7 +1010,9 @@ class ControlPlane:
             else:
                 raise UsageError("give a device or a deployment")
             self._flush()
-        rows = self.store.telemetry(devices, since, until, model=model) if devices else []
+        # a deployment's plots: its model's samples and its devices' own (CPU, memory: model None)
+        rows = self.store.telemetry(devices, since, until) if devices else []
+        rows = [r for r in rows if model is None or r.get("model") in (model, None)]
         return {"device_id": device_id, "deployment": deployment, "since": since, "until": until,
                 "rows": _with_throughput(rows)}
 
