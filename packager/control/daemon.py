@@ -24,27 +24,11 @@ from edge_agent.fleet_messages import DEFAULT_PREFIX
 from packager.control.engine import ControlPlane
 from packager.control.store import Store, redact_url
 
-__all__ = ["DEFAULT_RETENTION_S", "read_tokens", "run_controller"]
+__all__ = ["DEFAULT_RETENTION_S", "run_controller"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RETENTION_S = 7 * 86400.0
-
-
-def read_tokens(path: Path | str | None) -> list[str] | None:
-    """Bearer tokens, one per line (blank lines and ``#`` comments ignored); None without a file."""
-    if path is None:
-        return None
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as exc:
-        raise UsageError(f"--token-file: cannot read {path} ({exc.strerror})") from None
-    tokens = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
-    if not tokens:
-        raise UsageError(f"--token-file: {path} holds no token")
-    if any(len(t) < 16 for t in tokens):
-        raise UsageError(f"--token-file: every token in {path} must be at least 16 characters")
-    return tokens
 
 
 def run_controller(store_url: str, broker_url: str, host: str = "127.0.0.1", port: int = 8090,
