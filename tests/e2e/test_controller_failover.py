@@ -17,7 +17,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import paho.mqtt.client as paho
 import pytest
@@ -55,11 +55,11 @@ class DesiredLog:
         self.client.loop_stop()
 
 
-def controller(store_url: str, broker: Broker, port: int, home: Path, log: Path) -> subprocess.Popen:
+def controller(store_url: str, broker: Broker, port: int, home: Path, log: BinaryIO) -> subprocess.Popen:
     env = dict(os.environ, EDGEDEPLOY_HOME=str(home))
     return subprocess.Popen([sys.executable, "-m", "packager.cli.main", "controller", "--store", store_url,
                              "--broker", broker.url, "--port", str(port)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=open(log, "wb"))  # noqa: SIM115
+                            env=env, stdout=subprocess.DEVNULL, stderr=log)
 
 
 def wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -77,15 +77,17 @@ def wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 @pytest.fixture
 def two_controllers(pg_database: str, mqtt_broker: Broker, tmp_path: Path,
                     edgedeploy_home: Path) -> Iterator[tuple[list[subprocess.Popen], list[ControllerClient]]]:
-    procs, clients = [], []
+    procs, clients, logs = [], [], []
     for index in range(2):
         port = free_port()
-        procs.append(controller(pg_database, mqtt_broker, port, edgedeploy_home, tmp_path / f"ctl{index}.log"))
+        logs.append(open(tmp_path / f"ctl{index}.log", "wb"))  # noqa: SIM115 - closed below
+        procs.append(controller(pg_database, mqtt_broker, port, edgedeploy_home, logs[-1]))
         wait_port(port, timeout=60)
         clients.append(ControllerClient(f"http://127.0.0.1:{port}"))
     yield procs, clients
-    for proc in procs:
+    for proc, log in zip(procs, logs, strict=True):
         stop_process(proc)
+        log.close()
 
 
 def test_the_standby_finishes_a_rollout_when_the_leader_is_killed(two_controllers, mqtt_broker, tmp_path) -> None:
