@@ -84,6 +84,9 @@ class ControllerTransport(Protocol):
     def publish_desired(self, device_id: str, message: dict[str, Any]) -> None:
         """Deliver a device's desired state so it gets it now or when it next connects."""
 
+    def resync(self, device_ids: list[str], kind: str = "reported") -> None:
+        """Have the stored (retained) ``kind`` messages of these devices delivered again."""
+
     def publish_desired_many(self, orders: list[tuple[str, dict[str, Any]]], timeout: float = 30.0) -> None:
         """Deliver many desired states at once (a wave); returns when the transport took every one."""
 

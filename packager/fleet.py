@@ -505,6 +505,19 @@ class _Link:
             self._stored(kind, device_id)
             self.changed.notify_all()
 
+    def resync(self, device_ids: list[str], kind: str = "reported") -> None:
+        """Ask the broker again for these devices' retained ``kind`` messages.
+
+        A broker drops QoS 1 messages beyond a client's queue limit (Mosquitto's
+        ``max_queued_messages``, 1,000 by default) when a wave's reports arrive faster than they are
+        read; the retained copy is still there. A subscription to each topic delivers it again; it is
+        dropped at once, the wildcard subscription carrying on.
+        """
+        for start in range(0, len(device_ids), 100):
+            topics = [topic(d, kind, self.prefix) for d in device_ids[start:start + 100]]
+            self._client.subscribe([(t, 1) for t in topics])
+            self._client.unsubscribe(topics)
+
     def _stored(self, kind: str, device_id: str) -> None:
         """Called (under ``changed``) after a retained message of ``device_id`` was stored."""
 

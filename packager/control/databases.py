@@ -412,6 +412,8 @@ class AdvisoryLead:
         import psycopg
 
         if self._conn is None or self._conn.closed or self._conn.broken:
+            if self._conn is not None:
+                self._conn.close()  # a broken session: closed, not left to the garbage collector
             self._conn = self._connect()
         try:
             self._held = bool(self._conn.execute("SELECT pg_try_advisory_lock(%s)", (_LEAD_KEY,)).fetchone()[0])

@@ -69,6 +69,7 @@ ORDER_BATCH = 2000          # orders signed and published per tick, so the API i
 TERMINAL = ("succeeded", "rolled-back", "failed", "superseded")
 FAILED_STATES = (DeployState.FAILED, DeployState.ROLLED_BACK)
 PRUNE_EVERY_S = 3600.0
+RESYNC_S = 10.0             # an ordered device silent this long: its retained report is asked for again
 BULK_FLUSH_S = 1.0          # device rows, telemetry and device events are written at most this often
 
 
@@ -272,6 +273,7 @@ class ControlPlane:
         self._key = load_order_key(self.home)
         self._trust = TrustStore([self._key.public_key])
         self.link = _EngineLink(self.broker_url, self.prefix, mqtt_version=self.mqtt_version)
+        self.link.settle(quiet=0.5, limit=30.0)  # the retained orders are in before a resumed rollout is judged
         self._thread = threading.Thread(target=self._loop, name="controller-engine", daemon=True)
         self._thread.start()
 
@@ -284,7 +286,10 @@ class ControlPlane:
             self.link.close()
         if self.leading:
             with self.lock:
-                self._flush()
+                try:
+                    self._flush()
+                except UnavailableError as exc:  # what is lost here is rebuilt from the broker at the next start
+                    log.error("could not write the last changes on the way out: %s", exc)
             self.store.release_lead()
             self.leading = False
 
@@ -302,8 +307,14 @@ class ControlPlane:
                         log.error("lost the lead of the store; standing by")
                         self.leading = False
                 busy = self.tick()
-            except Exception:  # the engine outlives any one bad step; the store keeps what was done
-                log.exception("controller tick failed")
+            except Exception as exc:  # the engine outlives any one bad step; the store keeps what was done
+                if isinstance(exc, UnavailableError):  # the store went away: one line, then retry
+                    log.error("controller tick failed: %s; retrying", exc)
+                else:
+                    log.exception("controller tick failed")
+                # What memory holds may now be ahead of the store (rows marked ordered whose orders never
+                # left): start over from the store, which resends what is due, once it answers again.
+                self.leading = False
                 busy = False
                 self._stop.wait(1.0)
             if not busy:  # a steady beat, not one tick per message: a tick scans the open rollouts
@@ -323,6 +334,7 @@ class ControlPlane:
                 rows = {r["device_id"]: r for r in self.store.rollout_devices(doc["rollout_id"])}
                 self._rollouts[doc["rollout_id"]] = Rollout(doc["doc"], rows)
             self._assigned = {}
+            self._orders = {}  # verified again from the broker's retained orders when next needed
             for rollout in self._rollouts.values():
                 name = rollout.doc.get("deployment")
                 if rollout.state == "superseded" or name not in self._deployments:
@@ -332,12 +344,38 @@ class ControlPlane:
                 for device_id, row in rollout.rows.items():
                     if row["state"] != "moved":
                         self._assigned.setdefault(device_id, {})[rollout.model] = name
+            self._resend_unsent()
+            link = self.link
+            if link is not None:  # what devices reported while this controller was not leading counts now
+                with link.changed:
+                    known = set(link.reported) | set(link.status)
+                link.inbox.extend(("reported", device_id, None) for device_id in known)
             self._reassess_all = True
             self.leading = True
             self._event("controller", f"{self.holder} leads", data={"devices": len(self._devices),
                                                                     "deployments": len(self._deployments)})
             log.info("leading: %d device(s), %d deployment(s), %d open rollout(s)", len(self._devices),
                      len(self._deployments), sum(1 for r in self._rollouts.values() if r.open))
+
+    def _resend_unsent(self) -> None:
+        """Rows on record as ordered whose order the broker does not hold go back to pending.
+
+        A controller that died (or lost its store) between writing a row and publishing its order
+        leaves such rows; a retained order for that rollout means the device has it, and it is not
+        sent again.
+        """
+        for rollout in self._rollouts.values():
+            if not rollout.open:
+                continue
+            for device_id, row in rollout.rows.items():
+                if row["state"] != "updating":
+                    continue
+                current = self._current_order(device_id)
+                order = current.models.get(rollout.model) if current else None
+                if order is None or not order.deployment_id.startswith(rollout.rollout_id):
+                    log.info("rollout %s: the order of %s never reached the broker; sending it again",
+                             rollout.rollout_id, device_id)
+                    rollout.set(device_id, state="pending", ordered_at=None)
 
     # -- one tick ----------------------------------------------------------------------------
     def tick(self) -> bool:
@@ -543,11 +581,21 @@ class ControlPlane:
             if doc.get("phase") != "scheduled":
                 rollout.set_doc(phase="scheduled")
             return False
-        # silent devices
+        # silent devices: their reports are asked for again, and after the wave timeout they failed
+        quiet = []
         for device_id, row in rollout.rows.items():
-            if row["state"] == "updating" and row["ordered_at"] and now - row["ordered_at"] > policy.wave_timeout_s:
+            if row["state"] != "updating" or not row["ordered_at"]:
+                continue
+            if now - row["ordered_at"] > policy.wave_timeout_s:
                 rollout.set(device_id, state="failed", error=f"no report within {policy.wave_timeout_s:.0f}s",
                             finished_at=now)
+            elif now - row["ordered_at"] > RESYNC_S:
+                quiet.append(device_id)
+        if quiet and now - float(doc.get("resynced") or 0) > RESYNC_S and self.link is not None:
+            log.info("rollout %s: no news from %d ordered device(s) for %.0fs; asking the broker for their "
+                     "reports again", rollout.rollout_id, len(quiet), RESYNC_S)
+            doc["resynced"] = now
+            self.link.resync(quiet)
         counts = collections.Counter(r["state"] for r in rollout.rows.values())
         targeted = sum(1 for r in rollout.rows.values() if r["wave"] >= 0 and r["state"] != "moved")
         if too_many_failures(counts["failed"], counts["succeeded"], policy.max_failures, policy.min_sample,

@@ -218,3 +218,23 @@ def test_bad_specs_are_one_line_errors(plane_factory, mqtt_broker) -> None:
     with pytest.raises(NotFoundError):
         plane.rollout_status("r-missing")
     assert plane.deployments() == []
+
+
+def test_a_store_that_drops_every_connection_mid_rollout_loses_no_step(plane_factory, mqtt_broker,
+                                                                      pg_database) -> None:
+    import psycopg
+
+    with simulator(mqtt_broker, 16) as sim:
+        plane = plane_factory(pg_database)
+        wait_devices(plane, 16)
+        rollout_id = plane.start_rollout({**target(1), "selector": "all",
+                                          "policy": {"canary": "0", "wave": "100%", "rate": "300/min"}})
+        for ordered in (3, 8):
+            wait(lambda n=ordered: len(sim.order_times(SHA[1])) >= n, what=f"{ordered} devices ordered")
+            with psycopg.connect(pg_database, autocommit=True) as admin:  # the server ends every session
+                admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                              "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        wait(lambda: plane.leading and plane.rollout_status(rollout_id)["state"] == "succeeded", 90,
+             "the rollout ends after the store came back")
+        status = plane.rollout_status(rollout_id)
+        assert (status["succeeded"], status["failed"]) == (16, 0) and sim.active_count(SHA[1]) == 16
