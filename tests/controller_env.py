@@ -131,8 +131,11 @@ def _wait_answers(url: str, proc: subprocess.Popen, log: Path, timeout: float = 
 
 @contextmanager
 def controller_fleet(folder: Path, devices: Sequence[dict[str, Any]] = (), tokens: list[str] | None = None,
-                     ) -> Iterator[ControllerFleet]:
-    """Broker, bundle server, controller and one agent per ``devices`` entry (``device_id``, groups, tags)."""
+                     broker_settings: str = "") -> Iterator[ControllerFleet]:
+    """Broker, bundle server, controller and one agent per ``devices`` entry (``device_id``, groups, tags).
+
+    ``broker_settings`` are more mosquitto.conf lines (see :class:`tests.e2e.conftest.Broker`).
+    """
     if not Path(MOSQUITTO).exists():
         pytest.skip("mosquitto is not installed")
     home = folder / "home"
@@ -142,7 +145,7 @@ def controller_fleet(folder: Path, devices: Sequence[dict[str, Any]] = (), token
         key = generate_key()
         key_file = folder / "publisher.pub"
         export_public_key(key_file)
-        broker = Broker(folder / "broker")
+        broker = Broker(folder / "broker", settings=broker_settings)
         broker.folder.mkdir(parents=True)
         broker.start()
         stack.callback(broker.stop)
