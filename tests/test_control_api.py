@@ -60,6 +60,7 @@ def test_the_openapi_document_is_valid_3_1_and_names_every_route(fleet: Controll
         jsonschema.Draft202012Validator.check_schema(schema)
     api = {p.removeprefix(API_PREFIX) for p in doc["paths"] if p.startswith(API_PREFIX)}
     assert api == {"/devices", "/devices/{device_id}", "/devices/{device_id}/logs", "/devices/{device_id}/restart",
+                   "/devices/{device_id}/config",
                    "/config", "/deployments", "/deployments/{name}", "/rollouts", "/rollouts/{rollout_id}",
                    "/rollouts/{rollout_id}/abort", "/events", "/telemetry", "/health"}
     assert doc["security"] == [{"bearer": []}]
@@ -206,6 +207,9 @@ def test_logs_config_and_restart_are_answered_by_the_device(fleet: ControllerFle
                               ({"device": MILAN, "model": "scorer", "params": {}}, 400, "params")):
         status, doc = fleet.api("POST", f"{API_PREFIX}/config", body=body)
         assert status == code and words in doc["error"], (body, doc)
+    status, doc = fleet.api("GET", f"{API_PREFIX}/devices/{MILAN}/config?model=scorer")
+    assert status == 200 and doc["params"] == {"threshold": 0.7, "mode": "fast"}, doc
+    assert fleet.api("GET", f"{API_PREFIX}/devices/{MILAN}/config")[0] == 400
     status, doc = fleet.api("GET", f"{API_PREFIX}/devices/{MILAN}/logs?tail=0")
     assert status == 400 and doc["error"].startswith("tail: ")
     assert fleet.api("GET", f"{API_PREFIX}/devices/nobody/logs")[0] == 404
@@ -314,6 +318,21 @@ def test_fleet_devices_prints_the_same_shape_through_the_controller_as_on_the_br
                                                                         for r in local]
     table = fleet.cli("fleet", "devices").stdout.splitlines()
     assert table[0].split()[:3] == ["DEVICE_ID", "ONLINE", "STATE"] and len(table) == 3
+
+
+def test_fleet_logs_config_and_restart_through_the_controller(fleet: ControllerFleet) -> None:
+    logs = fleet.cli("fleet", "logs", MILAN, "--tail", "3")
+    assert logs.returncode == 0 and 1 <= len(logs.stdout.splitlines()) <= 3, logs.stderr
+    assert fleet.cli("fleet", "config", MILAN, "scorer", "level=3").stdout.startswith(f"{MILAN}: scorer {{")
+    shown = fleet.cli("fleet", "config", MILAN, "scorer")
+    assert shown.returncode == 0 and json.loads(shown.stdout)["level"] == 3, shown.stderr
+    fanned = fleet.cli("fleet", "config", "tag:site=milan", "scorer", "level=4")
+    assert fanned.returncode == 0 and fanned.stdout.splitlines() == [
+        f"{MILAN}: scorer " + json.dumps(json.loads(shown.stdout) | {"level": 4}, sort_keys=True)], fanned.stdout
+    restarted = fleet.cli("fleet", "restart", MILAN, "scorer")
+    assert restarted.returncode == 0 and restarted.stdout.startswith(f"{MILAN}: scorer restarted"), restarted.stderr
+    gone = fleet.cli("fleet", "logs", "nobody")
+    assert gone.returncode != 0 and gone.stderr.count("\n") == 1 and "nobody" in gone.stderr, gone.stderr
 
 
 def test_fleet_deploy_deployments_and_undeploy(fleet: ControllerFleet) -> None:

@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the CA actions to ``edgedeploy fleet``."""
     enroll = sub.add_parser("enroll", help="a device's (or controller's) certificate and key from the fleet CA")
     enroll.add_argument("device", nargs="?", help="the device id (the certificate's common name)")
-    enroll.add_argument("--controller", metavar="NAME", help="enroll a controller identity instead: every device topic")
+    enroll.add_argument("--controller", dest="controller_name", metavar="NAME",
+                        help="enroll a controller identity instead: every device topic")
     enroll.add_argument("-o", "--output", required=True, type=Path, help="folder for the certificate, key and CA")
     enroll.add_argument("--days", type=int, default=365, help="days the certificate is valid (default 365)")
     enroll.add_argument("--json", action="store_true")
@@ -56,10 +57,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _enroll(args: argparse.Namespace) -> int:
     from edge_agent.errors import UsageError
 
-    if (args.device is None) == (args.controller is None):
+    if (args.device is None) == (args.controller_name is None):
         raise UsageError("give a DEVICE id or --controller NAME (one of them)")
-    role = "device" if args.controller is None else "controller"
-    enrollment = FleetCA().enroll(args.device or args.controller, args.output, args.days, role)
+    role = "device" if args.controller_name is None else "controller"
+    enrollment = FleetCA().enroll(args.device or args.controller_name, args.output, args.days, role)
     if args.json:
         print_json(enrollment.to_dict())
         return 0

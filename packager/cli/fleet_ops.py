@@ -1,5 +1,9 @@
 """``edgedeploy fleet logs|config|restart``: operations on devices, answered over the broker.
 
+With ``--controller URL`` (or ``$EDGEDEPLOY_CONTROLLER``) the controller asks the devices (its API's
+``devices/{id}/logs``, ``devices/{id}/restart`` and ``config``); otherwise this command does, over
+the broker. The output is the same either way.
+
 ``fleet config TARGET MODEL KEY=VALUE...`` takes a device id or a selector (``all``,
 ``device:ID[,ID...]``, ``group:NAME``, ``tag:KEY=VALUE``); a selector asks every online device it
 matches at once and prints one line per device. A value is JSON when it parses as JSON
@@ -9,13 +13,16 @@ matches at once and prints one line per device. A value is JSON when it parses a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from edge_agent.errors import EdgeDeployError, NotFoundError, UsageError, ValidationError
 from edge_agent.jsonlimits import loads_bounded
+from packager.cli.fleet_control import remote
 from packager.cli.output import print_json
+from packager.control.client import ControllerClient
 from packager.fleet import FleetController
 from packager.fleet_ops import DEFAULT_TIMEOUT_S
 
@@ -68,11 +75,45 @@ def _is_selector(target: str) -> bool:
     return target == "all" or target.partition(":")[0] in _SELECTOR_KINDS
 
 
+class _RemoteOps:
+    """The operations of :class:`packager.fleet_ops.FleetOps`, asked of a controller."""
+
+    def __init__(self, client: ControllerClient) -> None:
+        self.client = client
+
+    def logs(self, device_id: str, tail: int, timeout: float) -> list[str]:
+        return list(self.client.logs(device_id, tail, timeout)["lines"])
+
+    def configure(self, device_id: str, model: str, settings: dict[str, Any], timeout: float) -> dict[str, Any]:
+        answer = self.client.config(model, settings, device_id=device_id, timeout=timeout)[device_id]
+        if "error" in answer:
+            raise EdgeDeployError(answer["error"])
+        return dict(answer)
+
+    def get_config(self, device_id: str, model: str, timeout: float) -> dict[str, Any]:
+        return dict(self.client.get_config(device_id, model, timeout)["params"])
+
+    def restart(self, device_id: str, model: str, timeout: float) -> dict[str, Any]:
+        return self.client.restart(device_id, model, timeout)
+
+
+@contextlib.contextmanager
+def _operations(args: argparse.Namespace,
+                controller: Callable[[argparse.Namespace], FleetController]) -> Iterator[Any]:
+    """The controller's operations when one is configured, else ours over the broker."""
+    client = remote(args)
+    if client is not None:
+        yield _RemoteOps(client)
+        return
+    with controller(args) as ctl:
+        yield ctl.operations()
+
+
 def _logs(args: argparse.Namespace, controller: Callable[[argparse.Namespace], FleetController]) -> int:
     if args.tail < 1:
         raise UsageError("--tail must be at least 1")
-    with controller(args) as ctl:
-        lines = ctl.operations().logs(args.device, args.tail, timeout=args.timeout)
+    with _operations(args, controller) as ops:
+        lines = ops.logs(args.device, args.tail, timeout=args.timeout)
     for line in lines:
         print(line)
     return 0
@@ -80,18 +121,23 @@ def _logs(args: argparse.Namespace, controller: Callable[[argparse.Namespace], F
 
 def _config(args: argparse.Namespace, controller: Callable[[argparse.Namespace], FleetController]) -> int:
     settings = parse_settings(args.settings)
-    with controller(args) as ctl:
-        ops = ctl.operations()
-        if not _is_selector(args.target):
+    if not _is_selector(args.target):
+        with _operations(args, controller) as ops:
             if not settings:
                 print_json(ops.get_config(args.target, args.model, timeout=args.timeout))
             else:
                 print(_config_line(args.target, ops.configure(args.target, args.model, settings,
                                                               timeout=args.timeout)))
-            return 0
-        devices = _selected(ctl, args.target)
-        op, body = ("config", {"params": settings}) if settings else ("get-config", {})
-        results = ops.fan_out(devices, op, body, model=args.model, timeout=args.timeout)
+        return 0
+    client = remote(args)
+    if client is not None:
+        answers = client.config(args.model, settings, selector=args.target, timeout=args.timeout)
+        results: dict[str, Any] = {d: EdgeDeployError(a["error"]) if "error" in a else a for d, a in answers.items()}
+    else:
+        with controller(args) as ctl:
+            devices = _selected(ctl, args.target)
+            op, body = ("config", {"params": settings}) if settings else ("get-config", {})
+            results = ctl.operations().fan_out(devices, op, body, model=args.model, timeout=args.timeout)
     failed = 0
     for device_id, result in sorted(results.items()):
         if isinstance(result, EdgeDeployError):
@@ -116,7 +162,7 @@ def _selected(ctl: FleetController, target: str) -> list[str]:
 
 
 def _restart(args: argparse.Namespace, controller: Callable[[argparse.Namespace], FleetController]) -> int:
-    with controller(args) as ctl:
-        result = ctl.operations().restart(args.device, args.model, timeout=args.timeout)
+    with _operations(args, controller) as ops:
+        result = ops.restart(args.device, args.model, timeout=args.timeout)
     print(f"{args.device}: {result['model']} restarted (version {result.get('version')})")
     return 0

@@ -243,6 +243,14 @@ async def device_logs(request: web.Request) -> web.Response:
     return web.json_response(await call(request, "request", request.match_info["device_id"], "logs", {"tail": tail}))
 
 
+async def get_config(request: web.Request) -> web.Response:
+    model = request.query.get("model")
+    if not model:
+        raise UsageError("model: give the model whose parameters to show (?model=NAME)")
+    return web.json_response(await call(request, "request", request.match_info["device_id"], "get-config",
+                                        model=model))
+
+
 async def restart_model(request: web.Request) -> web.Response:
     body = await _body(request, "RestartRequest")
     return web.json_response(await call(request, "request", request.match_info["device_id"], "restart",
@@ -366,6 +374,7 @@ def build_app(plane: Plane, tokens: list[str] | None) -> web.Application:
         web.get(f"{api}/devices", list_devices),
         web.get(f"{api}/devices/{{device_id}}", get_device),
         web.get(f"{api}/devices/{{device_id}}/logs", device_logs),
+        web.get(f"{api}/devices/{{device_id}}/config", get_config),
         web.post(f"{api}/devices/{{device_id}}/restart", restart_model),
         web.post(f"{api}/config", set_config),
         web.get(f"{api}/deployments", list_deployments),

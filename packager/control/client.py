@@ -153,6 +153,11 @@ class ControllerClient:
         return dict(self._call("GET", f"/devices/{quote(device_id, safe='')}/logs", {"tail": tail},
                                timeout=timeout + 10))
 
+    def get_config(self, device_id: str, model: str, timeout: float = 10.0) -> dict[str, Any]:
+        """The run-time parameters of ``model`` on a device: ``{"model", "params"}``."""
+        return dict(self._call("GET", f"/devices/{quote(device_id, safe='')}/config", {"model": model},
+                               timeout=timeout + 10))
+
     def restart(self, device_id: str, model: str, timeout: float = 10.0) -> dict[str, Any]:
         """Restart one model on a device."""
         return dict(self._call("POST", f"/devices/{quote(device_id, safe='')}/restart", body={"model": model},

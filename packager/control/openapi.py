@@ -182,6 +182,9 @@ def _api_paths() -> dict[str, Any]:
         "/devices/{device_id}/logs": {"get": _op("deviceLogs", "the device agent's recent log lines", _answer(
             "the device's answer", "OperationResult"), 400, 401, 404, 503, params=[
             device, _query("tail", {"type": "integer", "minimum": 1, "maximum": 10000}, "lines (default 100)")])},
+        "/devices/{device_id}/config": {"get": _op("getConfig", "one model's run-time parameters on the device",
+            _answer("the device's answer", "OperationResult"), 400, 401, 404, 503, params=[
+                device, {**_query("model", {"type": "string", "minLength": 1}, "the model"), "required": True}])},
         "/devices/{device_id}/restart": {"post": _op("restartModel", "restart one model on the device", _answer(
             "the device's answer", "OperationResult"), 400, 401, 404, 413, 503, params=[device],
             body="RestartRequest")},
