@@ -1005,22 +1005,24 @@ class ControlPlane:
         keys = ("rollout_id", "state", "succeeded", "failed", "pending", "selector", "deployment", "created")
         return [{k: d.get(k) for k in keys} for d in docs]
 
+    def _rollout(self, rollout_id: str) -> Rollout:
+        rollout = self._rollouts.get(rollout_id)
+        if rollout is None:
+            raise NotFoundError(f"no rollout {rollout_id!r}; see `edgedeploy fleet status`")
+        return rollout
+
     def rollout_status(self, rollout_id: str, detail: bool = False) -> dict[str, Any]:
         """One rollout's ``fleet status --json`` document."""
         self._require_lead()
         with self.lock:
-            rollout = self._rollouts.get(rollout_id)
-            if rollout is None:
-                raise NotFoundError(f"no rollout {rollout_id!r}; see `edgedeploy fleet status`")
+            rollout = self._rollout(rollout_id)
             return rollout.status(detail)
 
     def abort(self, rollout_id: str) -> dict[str, Any]:
         """Halt a rollout and send every updated device its previous bundle."""
         self._require_lead()
         with self.lock:
-            rollout = self._rollouts.get(rollout_id)
-            if rollout is None:
-                raise NotFoundError(f"no rollout {rollout_id!r}; see `edgedeploy fleet status`")
+            rollout = self._rollout(rollout_id)
             if rollout.state in ("rolled-back", "failed", "superseded") or \
                     (rollout.state == "succeeded" and rollout.doc.get("deployment") is None):
                 raise AlreadyExistsError(f"rollout {rollout_id} already ended ({rollout.state})")
