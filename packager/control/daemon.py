@@ -21,7 +21,7 @@ from pathlib import Path
 
 from edge_agent.errors import UsageError
 from edge_agent.fleet_messages import DEFAULT_PREFIX
-from packager.control.engine import ControlPlane
+from packager.control.engine import CONTROLLER_MQTT, ControlPlane
 from packager.control.store import Store, redact_url
 
 __all__ = ["DEFAULT_RETENTION_S", "run_controller"]
@@ -33,7 +33,7 @@ DEFAULT_RETENTION_S = 7 * 86400.0
 
 def run_controller(store_url: str, broker_url: str, host: str = "127.0.0.1", port: int = 8090,
                    tokens: list[str] | None = None, retention_s: float = DEFAULT_RETENTION_S,
-                   prefix: str = DEFAULT_PREFIX, mqtt_version: str = "auto", home: Path | None = None) -> int:
+                   prefix: str = DEFAULT_PREFIX, mqtt_version: str = CONTROLLER_MQTT, home: Path | None = None) -> int:
     """Run the controller until SIGTERM/SIGINT; returns the exit code."""
     from aiohttp import web
 

@@ -69,6 +69,9 @@ ORDER_BATCH = 2000          # orders signed and published per tick, so the API i
 TERMINAL = ("succeeded", "rolled-back", "failed", "superseded")
 FAILED_STATES = (DeployState.FAILED, DeployState.ROLLED_BACK)
 PRUNE_EVERY_S = 3600.0
+# The controller reads every device's messages on one connection and uses no MQTT 5 feature; 3.1.1
+# spares paho decoding MQTT 5 properties on each of them (a tenth of its time at 10,000 devices).
+CONTROLLER_MQTT = "3.1.1"
 RESYNC_S = 10.0             # an ordered device silent this long: its retained report is asked for again
 BULK_FLUSH_S = 1.0          # device rows, telemetry and device events are written at most this often
 
@@ -232,7 +235,7 @@ class ControlPlane:
     """
 
     def __init__(self, store: Store, broker_url: str, prefix: str = DEFAULT_PREFIX, home: Path | None = None,
-                 mqtt_version: str = "auto", order_ttl_s: float = ORDER_TTL_S,
+                 mqtt_version: str = CONTROLLER_MQTT, order_ttl_s: float = ORDER_TTL_S,
                  retention_s: float = 7 * 86400.0, holder: str = "controller", tick_s: float = 0.2) -> None:
         self.store = store
         self.broker_url = broker_url
