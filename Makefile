@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup system-deps demo test test-docker bench protos lint clean
+.PHONY: setup system-deps demo test soak test-docker bench protos lint clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -22,7 +22,11 @@ demo: setup system-deps
 	$(BIN)/python -m packager.demo
 
 test: setup system-deps
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not soak"
+
+# the long variants: thousands of simulated devices, every TUF attack, the whole console tour
+soak: setup system-deps
+	$(BIN)/python -m pytest -q -m soak
 
 test-docker: setup system-deps
 	$(BIN)/python -m pytest -q -m docker

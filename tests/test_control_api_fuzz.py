@@ -22,7 +22,7 @@ from schemathesis.specs.openapi.checks import (
 
 from tests.controller_env import TOKEN, ControllerFleet, controller_fleet
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.soak]  # make soak: schemathesis over every operation
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 

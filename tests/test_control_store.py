@@ -117,6 +117,7 @@ def test_a_device_row_without_an_id_is_refused(store: Store) -> None:
     assert store.devices() == []
 
 
+@pytest.mark.soak  # make soak: seconds per database
 def test_100000_devices_in_one_call(store_url: str, store: Store) -> None:
     rows = [{"device_id": f"dev-{i:06d}", "online": i % 2 == 0, "tags": {"n": i}, "last_seen": float(i)}
             for i in range(100_000)]

@@ -17,6 +17,7 @@ psycopg is imported only by the PostgreSQL backend: a SQLite store needs nothing
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -435,9 +436,17 @@ class AdvisoryLead:
         return True
 
     def release(self) -> None:
-        conn, self._conn, self._held = self._conn, None, False
-        if conn is not None:
-            conn.close()  # ending the session frees its advisory locks
+        import psycopg
+
+        conn, held, self._conn, self._held = self._conn, self._held, None, False
+        if conn is None:
+            return
+        if held and not conn.closed and not conn.broken:
+            # freed now, not when the server notices the session ended: a standby may take over at once
+            # (an error means the session is gone, and its locks with it)
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("SELECT pg_advisory_unlock(%s)", (_LEAD_KEY,))
+        conn.close()
 
 
 class PostgresBackend:

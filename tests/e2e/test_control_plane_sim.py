@@ -20,7 +20,7 @@ from bench.fleet_sim import FleetSimulator
 from bench.sim_devices import VersionBehaviour
 from tests.controller_env import ControllerFleet, controller_fleet, wait_for
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.soak]  # make soak: thousands of simulated devices
 
 N = 3000
 FAILING_VERSION = 3  # 4 % of the devices fail its health check

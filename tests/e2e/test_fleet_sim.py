@@ -32,7 +32,7 @@ from packager.keys import SigningKey, load_order_key
 from tests.e2e.conftest import ROOT, Broker, stop_process
 from tests.e2e.test_fleet import script_bundle
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.soak]  # make soak: the simulator checked against the agent
 
 NOWHERE = "http://127.0.0.1:1"  # simulated devices download nothing
 
