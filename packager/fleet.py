@@ -366,6 +366,62 @@ class SequenceCounter:
         return value
 
 
+class _ReadBuffer:
+    """A socket whose reads come from 64 KiB chunks: paho asks for one packet's bytes in pieces.
+
+    paho reads every packet with three or more ``recv`` calls (the type byte, each length byte,
+    then the rest), a system call each; a controller reading every message of a fleet spent a
+    fifth of its network thread there. ``pending()`` tells paho's loop that buffered bytes are
+    waiting, as an SSL socket's does, so it reads them without waiting in ``select``. Everything
+    else (``send``, ``fileno``, ``close``...) is the socket's own.
+    """
+
+    __slots__ = ("_sock", "_data", "_pos")
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._data = b""
+        self._pos = 0
+
+    def recv(self, size: int) -> bytes:
+        if self._pos >= len(self._data):
+            data = self._sock.recv(max(size, 65536))  # BlockingIOError and SSL's want-read pass through
+            if len(data) <= size:
+                return data
+            self._data, self._pos = data, 0
+        chunk = self._data[self._pos:self._pos + size]
+        self._pos += len(chunk)
+        return chunk
+
+    def pending(self) -> int:
+        inner = getattr(self._sock, "pending", None)
+        return len(self._data) - self._pos + (inner() if inner else 0)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+_BUFFERED_CLIENT: Any = None
+
+
+def _buffered_client() -> Any:
+    """paho's ``Client`` with its socket wrapped in :class:`_ReadBuffer` (built on first use: paho loads lazily).
+
+    ``_create_socket`` is paho 2's private hook (pyproject pins paho-mqtt below 3); every link
+    goes through it, so the e2e tests exercise it against the real brokers, with and without TLS.
+    """
+    global _BUFFERED_CLIENT
+    if _BUFFERED_CLIENT is None:
+        import paho.mqtt.client as mqtt
+
+        class BufferedClient(mqtt.Client):  # type: ignore[misc]
+            def _create_socket(self) -> Any:
+                return _ReadBuffer(super()._create_socket())
+
+        _BUFFERED_CLIENT = BufferedClient
+    return _BUFFERED_CLIENT
+
+
 class _Link:
     """The MQTT side: latest retained ``reported``/``status`` per device, and publishing.
 
@@ -430,8 +486,8 @@ class _Link:
         url = self._url
         self._answer.clear()
         self._refused_version = False
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgedeploy-ctl-{secrets.token_hex(4)}",
-                             protocol=protocol)
+        client = _buffered_client()(mqtt.CallbackAPIVersion.VERSION2,
+                                    client_id=f"edgedeploy-ctl-{secrets.token_hex(4)}", protocol=protocol)
         if url.username:
             client.username_pw_set(url.username, url.password)
         if self._tls is not None:
@@ -466,9 +522,13 @@ class _Link:
             log.warning("broker refused the connection: %s", reason_code)
             return
         kinds = dict.fromkeys((*self.KINDS, "responses"))  # answers to requests, whatever a subclass adds
-        client.subscribe([(topic("+", kind, self.prefix), 1) for kind in kinds])
+        client.subscribe([(topic("+", kind, self.prefix), self._qos(kind)) for kind in kinds])
         self._connected.set()
         self._answer.set()
+
+    def _qos(self, kind: str) -> int:
+        """The QoS this link subscribes to ``kind`` with."""
+        return 1
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if not self._connected.is_set():  # closed before any CONNACK: the broker did not take this version
@@ -515,7 +575,7 @@ class _Link:
         """
         for start in range(0, len(device_ids), 100):
             topics = [topic(d, kind, self.prefix) for d in device_ids[start:start + 100]]
-            self._client.subscribe([(t, 1) for t in topics])
+            self._client.subscribe([(t, self._qos(kind)) for t in topics])
             self._client.unsubscribe(topics)
 
     def _stored(self, kind: str, device_id: str) -> None:
@@ -566,9 +626,14 @@ class _Link:
 
     def publish_desired_many(self, orders: list[tuple[str, dict[str, Any]]], timeout: float = 30.0) -> None:
         """Publish many retained QoS 1 orders at once, then wait until the broker acknowledged all of them."""
-        infos = [(device_id, self._client.publish(topic(device_id, "desired", self.prefix),
-                                                  encode_message("desired", message), qos=1, retain=True))
-                 for device_id, message in orders]
+        self.publish_payloads([(device_id, encode_message("desired", message)) for device_id, message in orders],
+                              timeout)
+
+    def publish_payloads(self, payloads: list[tuple[str, bytes]], timeout: float = 30.0) -> None:
+        """:meth:`publish_desired_many` for orders already encoded (``encode_message("desired", ...)``)."""
+        infos = [(device_id, self._client.publish(topic(device_id, "desired", self.prefix), payload, qos=1,
+                                                  retain=True))
+                 for device_id, payload in payloads]
         deadline = time.monotonic() + timeout
         for device_id, info in infos:
             while not info.is_published() and time.monotonic() < deadline:

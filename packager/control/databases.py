@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -43,11 +44,13 @@ __all__ = [
     "Lead",
     "Pool",
     "PostgresBackend",
+    "RawJSON",
     "SqliteBackend",
     "Table",
     "backend_for",
     "dump_json",
     "one_line",
+    "raw_json",
     "redact_url",
     "to_text",
 ]
@@ -94,10 +97,30 @@ def _clean(value: Any) -> Any:
 _JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # built once: json.dumps(**options) builds one a call
 
 
+class RawJSON(str):
+    """JSON text stored as it is (a device's own message): made by :func:`raw_json`, which checks it."""
+
+
+_UNSTORABLE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")  # a NUL, or a surrogate (paired ones are rechecked)
+
+
+def raw_json(data: bytes) -> RawJSON | None:
+    """Valid JSON ``data`` as text both databases store unchanged; None when it must be cleaned first
+    (a NUL or a surrogate escape, which PostgreSQL refuses, or bytes that are not UTF-8)."""
+    if _UNSTORABLE.search(data):
+        return None
+    try:
+        return RawJSON(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None
+
+
 def dump_json(value: Any) -> str | None:
     """``value`` as compact JSON text that both databases store (see the module docstring); None stays None."""
     if value is None:
         return None
+    if isinstance(value, RawJSON):
+        return str(value)
     try:
         text = _JSON.encode(value)
     except ValueError:  # NaN or infinity somewhere
@@ -168,10 +191,12 @@ class Table:
             values.append(convert(value))
         return tuple(values)
 
-    def decode(self, names: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
-        """Rows read back as dicts: JSON decoded, SQLite's 0/1 as booleans."""
+    def decode(self, names: Sequence[str], rows: Iterable[Sequence[Any]],
+               as_text: Sequence[str] = ()) -> list[dict[str, Any]]:
+        """Rows read back as dicts: JSON decoded (but for the columns ``as_text``), SQLite's 0/1 as booleans."""
         kinds = dict(self.columns)
-        converters = [(i, _DECODE[kinds[name]]) for i, name in enumerate(names) if kinds.get(name) in _DECODE]
+        converters = [(i, _DECODE[kinds[name]]) for i, name in enumerate(names)
+                      if kinds.get(name) in _DECODE and name not in as_text]
         decoded = []
         for row in rows:
             values = list(row)

@@ -28,10 +28,15 @@ with 503 until it leads (see :mod:`packager.control.daemon`).
 from __future__ import annotations
 
 import collections
+import dataclasses
+import hashlib
+import json
 import logging
 import math
+import sys
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,14 +46,20 @@ from edge_agent.fleet_messages import (
     DEFAULT_PREFIX,
     DeployState,
     DesiredState,
+    DeviceReport,
     ModelOrder,
+    ModelReport,
     OrderAction,
     check_model_name,
+    encode_message,
+    parse_message,
+    parse_topic,
 )
 from edge_agent.home import edgedeploy_home
 from edge_agent.orders import ORDER_TTL_S
 from edge_agent.trust import TrustStore
 from packager.control.conditions import Condition, parse_condition
+from packager.control.databases import raw_json
 from packager.control.policy import (
     Gate,
     Pacer,
@@ -59,7 +70,7 @@ from packager.control.policy import (
     too_many_failures,
 )
 from packager.control.store import Store, redact_url
-from packager.fleet import DeviceSelector, MQTTControllerLink, compose_desired, device_row, model_report, own_order
+from packager.fleet import DeviceSelector, MQTTControllerLink, compose_desired, device_row, own_order
 
 __all__ = ["ControlPlane", "Rollout"]
 
@@ -77,23 +88,53 @@ BULK_FLUSH_S = 1.0          # device rows, telemetry and device events are writt
 
 
 class _EngineLink(MQTTControllerLink):
-    """The MQTT link, also subscribed to telemetry and events; reports which devices changed."""
+    """The MQTT link as the engine's input: every device message is queued raw, parsed in the engine.
+
+    One connection carries every message of the fleet, and paho's network thread shares one core
+    with the engine (the GIL), so that thread does the least it can: it splits the topic and queues
+    ``(kind, device_id, payload, received)``. The engine parses in its tick: of ``reported``,
+    ``status`` and ``desired`` only each device's newest message since the last tick (the five
+    transitions of an update that arrive together are parsed once), and every ``telemetry`` and
+    ``events`` message. Answers to requests (``responses``) are the base link's.
+
+    Device messages are subscribed at QoS 0: no acknowledgement per message each way, and no
+    in-flight window (Mosquitto's 20 by default) pacing the fleet's reports by this link's round
+    trip. Nothing is lost that QoS 1 kept: the session is clean either way, a broker drops QoS 1
+    messages past its queue limit too, and the retained ``reported`` is asked for again when an
+    ordered device stays silent (:meth:`resync`). Only ``responses`` stay at QoS 1.
+    """
 
     KINDS = ("reported", "status", "desired", "telemetry", "events")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.inbox: collections.deque[tuple[str, str, dict[str, Any] | None]] = collections.deque()
+        self.inbox: collections.deque[tuple[str, str, bytes, float]] = collections.deque()
+        self.last_message = time.monotonic()
         super().__init__(*args, **kwargs)
 
-    def _stored(self, kind: str, device_id: str) -> None:
-        if kind != "desired":
-            self.inbox.append((kind, device_id, None))
+    def _qos(self, kind: str) -> int:
+        return 1 if kind == "responses" else 0
 
-    def _other(self, kind: str, device_id: str, body: dict[str, Any] | None) -> None:
-        if body is not None:
-            self.inbox.append((kind, device_id, body))
-            with self.changed:
-                self.changed.notify_all()
+    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+        try:
+            device_id, kind = parse_topic(message.topic, self.prefix)
+        except ValidationError as exc:
+            log.info("ignoring a message on %s: %s", brief(str(message.topic), 200), exc)
+            return
+        except Exception:  # whatever a device sends, the network loop lives on
+            log.exception("dropped a message on %s", brief(str(message.topic), 200))
+            return
+        self.last_message = time.monotonic()
+        if kind == "responses":
+            super()._on_message(client, userdata, message)
+        else:
+            self.inbox.append((kind, device_id, message.payload, time.time()))
+
+    def settle(self, quiet: float = 0.3, limit: float = 3.0) -> None:
+        """Wait until messages stopped arriving (``quiet`` seconds without one), at most ``limit``."""
+        self.last_message = time.monotonic()
+        deadline = self.last_message + limit
+        while (now := time.monotonic()) < deadline and now - self.last_message < quiet:
+            time.sleep(min(0.05, quiet))
 
 
 @dataclass
@@ -158,6 +199,40 @@ class Rollout:
         self.pacer = Pacer.from_dict(doc.get("pacer"))
         self.dirty: set[str] = set()
         self.doc_dirty = False
+        # An index kept with the rows, so a tick looks only at the devices it may act on (at 100,000
+        # devices a scan of every row costs tens of milliseconds, and the engine ticks five times a second).
+        self._by_state: dict[str, dict[str, None]] = collections.defaultdict(dict)  # insertion-ordered sets
+        self.tally: collections.Counter[tuple[int, str]] = collections.Counter()    # (wave, state) -> devices
+        for device_id, row in rows.items():
+            self._index(device_id, row, 1)
+
+    def _index(self, device_id: str, row: dict[str, Any], sign: int) -> None:
+        if sign > 0:
+            self._by_state[row["state"]][device_id] = None
+        else:
+            self._by_state[row["state"]].pop(device_id, None)
+        self.tally[row["wave"], row["state"]] += sign
+
+    def ids(self, state: str) -> list[str]:
+        """The devices whose row is in ``state``, in the order they got there (a copy: safe to change rows)."""
+        return list(self._by_state.get(state, ()))
+
+    def has(self, device_id: str, state: str) -> bool:
+        return device_id in self._by_state.get(state, ())
+
+    def count(self, state: str, wave: int | None = None, upto: int | None = None) -> int:
+        """Rows in ``state`` (in wave ``wave``, or in waves 0..``upto``)."""
+        return sum(n for (w, st), n in self.tally.items() if st == state and
+                   (wave is None or w == wave) and (upto is None or 0 <= w <= upto))
+
+    def put(self, device_id: str, row: dict[str, Any]) -> None:
+        """Add or replace a device's row."""
+        old = self.rows.get(device_id)
+        if old is not None:
+            self._index(device_id, old, -1)
+        self.rows[device_id] = row
+        self._index(device_id, row, 1)
+        self.dirty.add(device_id)
 
     @property
     def rollout_id(self) -> str:
@@ -178,7 +253,13 @@ class Rollout:
             self.state == "succeeded" and self.doc.get("deployment") is not None)
 
     def set(self, device_id: str, **fields: Any) -> None:
-        self.rows[device_id].update(fields)
+        row = self.rows[device_id]
+        if "state" in fields or "wave" in fields:
+            self._index(device_id, row, -1)
+            row.update(fields)
+            self._index(device_id, row, 1)
+        else:
+            row.update(fields)
         self.dirty.add(device_id)
 
     def set_doc(self, **fields: Any) -> None:
@@ -195,9 +276,9 @@ class Rollout:
         """The ``fleet status --json`` document (``detail`` adds every device's state)."""
         counts: dict[int, collections.Counter[str]] = collections.defaultdict(collections.Counter)
         total: collections.Counter[str] = collections.Counter()
-        for row in self.rows.values():
-            counts[row["wave"]][row["state"]] += 1
-            total[row["state"]] += 1
+        for (wave, state), n in self.tally.items():
+            counts[wave][state] += n
+            total[state] += n
         waves = []
         for index in range(self.waves()):
             c = counts.get(index, collections.Counter())
@@ -219,6 +300,52 @@ class Rollout:
             doc["devices"] = {d: {"state": r["state"], "error": r.get("error"), "wave": r["wave"]}
                               for d, r in sorted(self.rows.items())}
         return doc
+
+
+class _Report:
+    """What the engine keeps of a device's retained report: its bytes, and the fields it acts on.
+
+    A parsed report is about five times its JSON's size in Python objects (4.8 KB against 1 KB for
+    a one-model report); 100,000 of them would be most of the controller's memory. The whole
+    document is parsed again only for the API, the console and conditions on ``reported.*``.
+    """
+
+    __slots__ = ("raw", "profile", "groups", "tags", "models", "single", "last_seq", "utc_offset_min")
+
+    def __init__(self, raw: bytes, body: dict[str, Any]) -> None:
+        self.raw = raw
+        profile, groups, tags = body.get("profile"), body.get("groups"), body.get("tags")
+        self.profile = sys.intern(profile) if isinstance(profile, str) else None
+        self.groups = [str(g) for g in groups] if isinstance(groups, list) else []
+        self.tags = dict(tags) if isinstance(tags, dict) else {}
+        self.models: dict[str, ModelReport] = {}
+        self.single: ModelReport | None = None  # a schema-1 agent's report: its top level is the one model
+        try:
+            if isinstance(body.get("models"), dict):
+                self.models = {sys.intern(name): dataclasses.replace(model, previous=None) for name, model in
+                               DeviceReport.from_message(body).models.items()}
+            else:
+                self.single = ModelReport.from_body("", body)
+        except (ValidationError, TypeError, ValueError):
+            pass
+        seq = body.get("last_seq")
+        self.last_seq = seq if isinstance(seq, int) and not isinstance(seq, bool) else -1
+        offset = body.get("utc_offset_min")
+        self.utc_offset_min = int(offset) if isinstance(offset, (int, float)) and not isinstance(offset, bool) \
+            and abs(offset) <= 1080 else 0
+
+    def model(self, name: str) -> ModelReport | None:
+        """Model ``name``'s part of the report (as :func:`packager.fleet.model_report` reads it)."""
+        if self.single is not None:
+            return dataclasses.replace(self.single, name=name)
+        return self.models.get(name)
+
+    def body(self) -> dict[str, Any]:
+        """The whole report (checked when it arrived)."""
+        return dict(json.loads(self.raw))
+
+
+_NO_REPORT = _Report(b"{}", {})
 
 
 def _row(device_id: str, wave: int, state: str = "pending", **extra: Any) -> dict[str, Any]:
@@ -253,7 +380,17 @@ class ControlPlane:
         self._deployments: dict[str, Deployment] = {}
         self._rollouts: dict[str, Rollout] = {}            # every rollout, open or ended
         self._assigned: dict[str, dict[str, str]] = {}      # device id -> model -> deployment name
-        self._orders: dict[str, DesiredState] = {}           # verified current desired state per device
+        # Each device's current order as the broker holds it: ours once acknowledged, or a retained one
+        # verified when first needed (None: not one this controller can build on). _sent has a digest of
+        # each payload known this way, so its echo from the broker is recognised without parsing it.
+        self._orders: dict[str, DesiredState | None] = {}
+        self._sent: dict[str, bytes] = {}
+        # what the broker holds of each device, as the link delivered it (kept while standing by too)
+        self._reported: dict[str, _Report] = {}
+        self._status: dict[str, dict[str, Any]] = {}
+        self._last_seen: dict[str, float] = {}
+        self._desired_raw: dict[str, bytes] = {}             # retained orders not verified yet
+        self._rescan = False
         self._dirty_devices: set[str] = set()
         self._reassess: set[str] = set()
         self._reassess_all = False
@@ -326,7 +463,7 @@ class ControlPlane:
     def _take_lead(self) -> None:
         """Load deployments, rollouts and devices from the store; resend orders that may be lost."""
         with self.lock:
-            self._devices = {row["device_id"]: row for row in self.store.devices()}
+            self._devices = {row["device_id"]: _from_store(row) for row in self.store.devices(reported_as_text=True)}
             self._deployments = {}
             for doc in self.store.deployments():
                 spec = doc["spec"]
@@ -337,7 +474,6 @@ class ControlPlane:
                 rows = {r["device_id"]: r for r in self.store.rollout_devices(doc["rollout_id"])}
                 self._rollouts[doc["rollout_id"]] = Rollout(doc["doc"], rows)
             self._assigned = {}
-            self._orders = {}  # verified again from the broker's retained orders when next needed
             for rollout in self._rollouts.values():
                 name = rollout.doc.get("deployment")
                 if rollout.state == "superseded" or name not in self._deployments:
@@ -348,11 +484,7 @@ class ControlPlane:
                     if row["state"] != "moved":
                         self._assigned.setdefault(device_id, {})[rollout.model] = name
             self._resend_unsent()
-            link = self.link
-            if link is not None:  # what devices reported while this controller was not leading counts now
-                with link.changed:
-                    known = set(link.reported) | set(link.status)
-                link.inbox.extend(("reported", device_id, None) for device_id in known)
+            self._rescan = True  # what devices reported while this controller was not leading counts now
             self._reassess_all = True
             self.leading = True
             self._event("controller", f"{self.holder} leads", data={"devices": len(self._devices),
@@ -370,9 +502,7 @@ class ControlPlane:
         for rollout in self._rollouts.values():
             if not rollout.open:
                 continue
-            for device_id, row in rollout.rows.items():
-                if row["state"] != "updating":
-                    continue
+            for device_id in rollout.ids("updating"):
                 current = self._current_order(device_id)
                 order = current.models.get(rollout.model) if current else None
                 if order is None or not order.deployment_id.startswith(rollout.rollout_id):
@@ -400,8 +530,14 @@ class ControlPlane:
                     busy |= self._step(rollout, now, sends)
             orders = self._sign(sends)
             self._flush(everything=False)
-        if orders:
-            self.link.publish_desired_many(orders)  # outside the lock: the API stays responsive
+        if orders:  # published outside the lock: the API stays responsive
+            payloads = [(device_id, encode_message("desired", message)) for device_id, message, _ in orders]
+            self.link.publish_payloads(payloads)
+            with self.lock:  # the broker has them: they are the devices' current orders now
+                for (device_id, _message, state), (_, payload) in zip(orders, payloads, strict=True):
+                    self._orders[device_id] = state
+                    self._sent[device_id] = _digest(payload)
+                    self._desired_raw.pop(device_id, None)
         if time.time() - self._last_prune > PRUNE_EVERY_S:
             self._last_prune = time.time()
             removed = self.store.prune(self.retention_s)
@@ -410,39 +546,73 @@ class ControlPlane:
         return busy
 
     def _drain(self) -> None:
+        """Parse what the link queued: each device's newest retained messages, every stream message."""
         link = self.link
         assert link is not None
-        changed: set[str] = set()
+        newest: dict[tuple[str, str], tuple[bytes, float]] = {}
         for _ in range(len(link.inbox)):
-            kind, device_id, body = link.inbox.popleft()
-            if kind in ("reported", "status"):
-                changed.add(device_id)
-            elif kind == "telemetry" and body is not None:
-                self._telemetry.extend(_telemetry_rows(device_id, body))
-            elif kind == "events" and body is not None:
-                self._events.append({"ts": float(body.get("ts") or time.time()), "kind": "device",
-                                     "device_id": device_id, "rollout_id": body.get("rollout_id"),
-                                     "deployment": None, "message": _device_event_line(body), "data": body})
-        if not changed:
+            kind, device_id, payload, received = link.inbox.popleft()
+            if kind in ("reported", "status", "desired"):
+                newest[kind, device_id] = (payload, received)
+            elif payload:
+                body = _parsed(kind, device_id, payload)
+                if body is None:
+                    continue
+                if kind == "telemetry":
+                    self._telemetry.extend(_telemetry_rows(device_id, body))
+                elif kind == "events":
+                    self._events.append({"ts": _number(body.get("ts")) or received, "kind": "device",
+                                         "device_id": device_id, "rollout_id": body.get("rollout_id"),
+                                         "deployment": None, "message": _device_event_line(body),
+                                         "data": raw_json(payload) or body})
+        changed: set[str] = set()
+        for (kind, device_id), (payload, received) in newest.items():
+            if kind == "desired":
+                self._take_desired(device_id, payload)
+                continue
+            held: dict[str, Any] = self._reported if kind == "reported" else self._status
+            if not payload:  # the retained message was cleared
+                held.pop(device_id, None)
+            else:
+                body = _parsed(kind, device_id, payload)
+                if body is None:
+                    continue
+                held[device_id] = _Report(payload, body) if kind == "reported" else body
+                self._last_seen[device_id] = received
+            changed.add(device_id)
+        if self._rescan:
+            self._rescan = False
+            changed.update(self._reported, self._status)
+        if changed:
+            self._apply_devices(changed)
+
+    def _take_desired(self, device_id: str, payload: bytes) -> None:
+        """The broker's retained order of a device: one already known, or another one to verify when needed."""
+        if payload and self._sent.get(device_id) == _digest(payload):
             return
-        with link.changed:
-            snapshot = {d: (link.reported.get(d), link.status.get(d), link.last_seen.get(d)) for d in changed}
+        self._orders.pop(device_id, None)
+        self._sent.pop(device_id, None)
+        if payload:
+            self._desired_raw[device_id] = payload
+        else:
+            self._desired_raw.pop(device_id, None)
+
+    def _apply_devices(self, changed: set[str]) -> None:
         now = time.time()
-        for device_id, (report, status, seen) in snapshot.items():
+        for device_id in changed:
+            report, status = self._reported.get(device_id) or _NO_REPORT, self._status.get(device_id) or {}
             old = self._devices.get(device_id)
-            report, status = report or {}, status or {}
             row = {"device_id": device_id, "online": bool(status.get("online", False)),
-                   "profile": report.get("profile"), "groups": list(report.get("groups") or []),
-                   "tags": dict(report.get("tags") or {}), "reported": report, "status": status,
-                   "last_seen": seen or now, "first_seen": (old or {}).get("first_seen") or now}
+                   "profile": report.profile, "groups": report.groups, "tags": report.tags, "report": report,
+                   "status": status, "last_seen": self._last_seen.get(device_id) or now,
+                   "first_seen": (old or {}).get("first_seen") or now}
             if old is not None and (old["groups"], old["tags"], old["profile"], old["online"]) != \
                     (row["groups"], row["tags"], row["profile"], row["online"]) or old is None:
                 self._reassess.add(device_id)
             self._devices[device_id] = row
             self._dirty_devices.add(device_id)
             for rollout in self._rollouts.values():
-                entry = rollout.rows.get(device_id)
-                if entry is not None and entry["state"] == "updating":
+                if rollout.has(device_id, "updating"):
                     self._record(rollout, device_id, report, now)
 
     def _flush(self, everything: bool = True) -> None:
@@ -454,7 +624,7 @@ class ControlPlane:
         if bulk:
             self._last_bulk = now
         if bulk and self._dirty_devices:
-            self.store.upsert_devices([self._devices[d] for d in self._dirty_devices if d in self._devices])
+            self.store.upsert_devices([_to_store(self._devices[d]) for d in self._dirty_devices if d in self._devices])
             self._dirty_devices.clear()
         for rollout in self._rollouts.values():
             if rollout.dirty:
@@ -482,7 +652,7 @@ class ControlPlane:
 
     # -- deployments: who belongs where ------------------------------------------------------
     def _winner(self, device: dict[str, Any], model: str) -> Deployment | None:
-        view = _condition_view(device)
+        view = _condition_view(device, *(dep.condition for dep in self._deployments.values() if dep.model == model))
         best: Deployment | None = None
         for dep in self._deployments.values():
             if dep.model == model and (best is None or dep.rank() > best.rank()) and dep.condition.matches(view):
@@ -551,21 +721,19 @@ class ControlPlane:
         row = rollout.rows.get(device_id)
         if row is not None and row["state"] not in ("moved", "rolled-back"):
             return
-        rollout.rows[device_id] = _row(device_id, max(wave, 0))
-        rollout.dirty.add(device_id)
+        rollout.put(device_id, _row(device_id, max(wave, 0)))
         if self._runs_target(device_id, rollout.doc["target"]):
             rollout.set(device_id, state="succeeded", finished_at=time.time())
 
     def _runs_target(self, device_id: str, target: dict[str, Any]) -> bool:
-        device = self._devices.get(device_id) or {}
-        model = model_report(device.get("reported"), target["model"]["name"])
+        model = self._report(device_id).model(target["model"]["name"])
         return bool(model and model.state == DeployState.ACTIVE and model.active
                     and model.active.bundle_sha256 == target["bundle_sha256"])
 
     # -- rollouts: the state machine -----------------------------------------------------------
-    def _record(self, rollout: Rollout, device_id: str, report: dict[str, Any], now: float) -> None:
+    def _record(self, rollout: Rollout, device_id: str, report: _Report, now: float) -> None:
         target = rollout.target_of(device_id)
-        model = model_report(report, rollout.model)
+        model = report.model(rollout.model)
         if model is None:
             return
         if model.state == DeployState.ACTIVE and model.active and model.active.bundle_sha256 == target["bundle_sha256"]:
@@ -586,8 +754,9 @@ class ControlPlane:
             return False
         # silent devices: their reports are asked for again, and after the wave timeout they failed
         quiet = []
-        for device_id, row in rollout.rows.items():
-            if row["state"] != "updating" or not row["ordered_at"]:
+        for device_id in rollout.ids("updating"):
+            row = rollout.rows[device_id]
+            if not row["ordered_at"]:
                 continue
             if now - row["ordered_at"] > policy.wave_timeout_s:
                 rollout.set(device_id, state="failed", error=f"no report within {policy.wave_timeout_s:.0f}s",
@@ -599,8 +768,10 @@ class ControlPlane:
                      "reports again", rollout.rollout_id, len(quiet), RESYNC_S)
             doc["resynced"] = now
             self.link.resync(quiet)
-        counts = collections.Counter(r["state"] for r in rollout.rows.values())
-        targeted = sum(1 for r in rollout.rows.values() if r["wave"] >= 0 and r["state"] != "moved")
+        counts: collections.Counter[str] = collections.Counter()
+        for (_wave, state), n in rollout.tally.items():
+            counts[state] += n
+        targeted = sum(n for (wave_of, state), n in rollout.tally.items() if wave_of >= 0 and state != "moved")
         if too_many_failures(counts["failed"], counts["succeeded"], policy.max_failures, policy.min_sample,
                              targeted):
             share = counts["failed"] / max(1, counts["failed"] + counts["succeeded"])
@@ -627,18 +798,16 @@ class ControlPlane:
 
     def _wave_open(self, rollout: Rollout, wave: int) -> bool:
         """True while wave ``wave`` (or an earlier one) has a device ordered, or online and not ordered yet."""
-        for device_id, row in rollout.rows.items():
-            if row["wave"] > wave or row["wave"] < 0:
-                continue
-            if row["state"] == "updating":
-                return True
-            if row["state"] == "pending" and (self._devices.get(device_id) or {}).get("online"):
+        if rollout.count("updating", upto=wave):
+            return True
+        for device_id in rollout.ids("pending"):
+            if 0 <= rollout.rows[device_id]["wave"] <= wave and (self._devices.get(device_id) or {}).get("online"):
                 return True
         return False
 
     def _next_wave(self, rollout: Rollout, now: float) -> bool:
         wave = int(rollout.doc["current_wave"]) + 1
-        size = sum(1 for r in rollout.rows.values() if r["wave"] == wave)
+        size = sum(n for (w, _state), n in rollout.tally.items() if w == wave)
         rollout.set_doc(current_wave=wave, wave_started=now, phase="ordering", bake_started=None)
         self._event("rollout", f"rollout {rollout.rollout_id}: wave {wave} starts ({size} device(s))", rollout,
                     data={"wave": wave, "size": size})
@@ -700,13 +869,13 @@ class ControlPlane:
             return True
         policy = rollout.policy
         waiting = []
-        for device_id, row in rollout.rows.items():
-            if row["state"] != "pending" or not eligible(row):
+        for device_id in rollout.ids("pending"):
+            if not eligible(rollout.rows[device_id]):
                 continue
             device = self._devices.get(device_id)
             if not device or not device.get("online"):
                 continue
-            if policy.windows and not in_window(policy.windows, now, _utc_offset(device)):
+            if policy.windows and not in_window(policy.windows, now, self._report(device_id).utc_offset_min):
                 continue
             waiting.append(device_id)
         if not waiting:
@@ -722,7 +891,7 @@ class ControlPlane:
 
     def _active_ref(self, device_id: str, model: str) -> dict[str, Any] | None:
         """What model ``model`` runs on the device now (the rollback target), or None."""
-        report = model_report((self._devices.get(device_id) or {}).get("reported"), model)
+        report = self._report(device_id).model(model)
         active = report.active if report else None
         if active is None or not active.bundle_sha256 or not active.bundle_url:
             return None
@@ -764,18 +933,22 @@ class ControlPlane:
     def _current_order(self, device_id: str) -> DesiredState | None:
         if device_id in self._orders:
             return self._orders[device_id]
-        link = self.link
-        assert link is not None and self._trust is not None
-        with link.changed:
-            retained = link.desired.get(device_id)
-        current = own_order(retained, self._trust)
-        if current is not None and current.device_id == device_id:
-            self._orders[device_id] = current
-            return current
-        return None
+        raw = self._desired_raw.pop(device_id, None)
+        if raw is None:
+            return None
+        assert self._trust is not None
+        current = own_order(_parsed("desired", device_id, raw), self._trust)
+        if current is not None and current.device_id != device_id:
+            current = None
+        self._orders[device_id] = current
+        self._sent[device_id] = _digest(raw)
+        return current
 
-    def _sign(self, sends: list[tuple[str, ModelOrder]]) -> list[tuple[str, dict[str, Any]]]:
-        """Signed desired messages for ``sends`` plus the pending removals; rows are flushed first."""
+    def _sign(self, sends: list[tuple[str, ModelOrder]]) -> list[tuple[str, dict[str, Any], DesiredState]]:
+        """Signed desired messages (and the states they set) for ``sends`` plus the pending removals.
+
+        Rows are flushed first. The orders become the devices' current ones once the broker has them.
+        """
         removals, self._pending_removals = self._pending_removals, []
         for device_id, model in removals:
             sends.append((device_id, ModelOrder(model, f"d-remove-{int(time.time())}", action=OrderAction.REMOVE,
@@ -784,20 +957,18 @@ class ControlPlane:
             return []
         floors = {}
         for device_id, _ in sends:
-            report = (self._devices.get(device_id) or {}).get("reported") or {}
             current = self._current_order(device_id)
             floors[device_id] = max(current.seq if current and current.seq is not None else -1,
-                                    report["last_seq"] if isinstance(report.get("last_seq"), int) else -1)
+                                    self._report(device_id).last_seq)
         self._flush(everything=False)  # the rows say "updating" in the store before any order leaves
         seqs = self.store.next_sequences(floors)
         expires = time.time() + self.order_ttl_s
-        messages: dict[str, dict[str, Any]] = {}
+        messages: dict[str, tuple[str, dict[str, Any], DesiredState]] = {}
         for device_id, order in sends:  # several orders for one device in one tick: the last message has all
-            current = self._current_order(device_id)
+            current = messages[device_id][2] if device_id in messages else self._current_order(device_id)
             message = compose_desired(device_id, current, order, seqs[device_id], expires, self._key)
-            self._orders[device_id] = DesiredState.from_message(message)
-            messages[device_id] = message
-        return list(messages.items())
+            messages[device_id] = (device_id, message, DesiredState.from_message(message))
+        return list(messages.values())
 
     # -- the API -------------------------------------------------------------------------------
     def _require_lead(self) -> None:
@@ -813,17 +984,29 @@ class ControlPlane:
                 "deployments": len(self._deployments),
                 "open_rollouts": sum(1 for r in self._rollouts.values() if r.open)}
 
-    def devices(self) -> list[dict[str, Any]]:
-        """Every device known to the store, as ``fleet devices --json`` rows plus its deployments."""
+    def devices(self, ids: Iterable[str] | None = None) -> list[dict[str, Any]]:
+        """Devices known to the store (every one, or those of ``ids`` in that order), as ``fleet devices
+        --json`` rows plus their deployments."""
         self._require_lead()
         with self.lock:
-            return [self._device_doc(row) for _, row in sorted(self._devices.items())]
+            chosen = sorted(self._devices) if ids is None else [d for d in ids if d in self._devices]
+            return [self._device_doc(self._devices[d]) for d in chosen]
 
-    def _device_doc(self, row: dict[str, Any]) -> dict[str, Any]:
-        doc = device_row(row["device_id"], row.get("reported") or {}, row.get("status") or {}, row.get("last_seen"))
+    def device_ids(self) -> list[str]:
+        """Every device id known to the store, sorted."""
+        self._require_lead()
+        with self.lock:
+            return sorted(self._devices)
+
+    def _report(self, device_id: str) -> _Report:
+        return (self._devices.get(device_id) or {}).get("report") or _NO_REPORT
+
+    def _device_doc(self, row: dict[str, Any], report: dict[str, Any] | None = None) -> dict[str, Any]:
+        report = row["report"].body() if report is None else report
+        doc = device_row(row["device_id"], report, row.get("status") or {}, row.get("last_seen"))
         doc["deployments"] = dict(self._assigned.get(row["device_id"], {}))
         doc["first_seen"] = row.get("first_seen")
-        doc["utc_offset_min"] = _utc_offset(row)
+        doc["utc_offset_min"] = row["report"].utc_offset_min
         return doc
 
     def device(self, device_id: str) -> dict[str, Any]:
@@ -833,8 +1016,9 @@ class ControlPlane:
             row = self._devices.get(device_id)
             if row is None:
                 raise NotFoundError(f"no device {device_id!r}; see `edgedeploy fleet devices`")
-            doc = self._device_doc(row)
-            doc["reported"] = row.get("reported")
+            report = row["report"].body()
+            doc = self._device_doc(row, report)
+            doc["reported"] = report
             return doc
 
     def deployments(self) -> list[dict[str, Any]]:
@@ -845,14 +1029,13 @@ class ControlPlane:
 
     def _deployment_doc(self, dep: Deployment) -> dict[str, Any]:
         rollout = self._rollouts.get(dep.rollout_id)
-        rows = rollout.rows if rollout else {}
-        states = collections.Counter(r["state"] for r in rows.values())
+        failed = rollout.count("failed") if rollout else 0
         targeted = sum(1 for d in self._assigned.values() if d.get(dep.model) == dep.name)
         applied = sum(1 for d, m in self._assigned.items() if m.get(dep.model) == dep.name
                       and self._runs_target(d, dep.target()))
         return {"name": dep.name, "bundle_sha256": dep.spec["bundle_sha256"], "bundle_url": dep.spec["bundle_url"],
                 "model": dep.spec["model"], "target": dep.condition.text, "priority": dep.priority,
-                "targeted": targeted, "applied": applied, "failed": states["failed"],
+                "targeted": targeted, "applied": applied, "failed": failed,
                 "state": rollout.state if rollout else "unknown", "halted": bool(rollout and rollout.doc.get("halted")),
                 "rollout_id": dep.rollout_id, "policy": dep.spec.get("policy", {}), "created": dep.spec.get("created")}
 
@@ -981,7 +1164,7 @@ class ControlPlane:
         policy = RolloutPolicy.from_options(**options)
         now = time.time()
         with self.lock:
-            rows = [self._device_doc(row) for row in self._devices.values()]
+            rows = list(self._devices.values())
             picked = [r["device_id"] for r in rows if chosen.matches(r) and (r["online"] or chosen.kind == "device")]
             if chosen.kind == "device":
                 missing = sorted(set(chosen.values) - set(picked))
@@ -1090,11 +1273,11 @@ class ControlPlane:
         with self.lock:
             try:
                 chosen = DeviceSelector.parse(selector)
-                return sorted(r["device_id"] for r in (self._device_doc(row) for row in self._devices.values())
-                              if chosen.matches(r))
+                return sorted(d for d, row in self._devices.items() if chosen.matches(row))
             except UsageError:
                 condition = parse_condition(selector)
-                return sorted(d for d, row in self._devices.items() if condition.matches(_condition_view(row)))
+                return sorted(d for d, row in self._devices.items()
+                              if condition.matches(_condition_view(row, condition)))
 
 
 # -- small helpers ---------------------------------------------------------------------------------
@@ -1113,22 +1296,45 @@ def chosen_text(selector: DeviceSelector) -> str:
     return f"{selector.kind}:{','.join(selector.values)}"
 
 
-def _condition_view(device: dict[str, Any]) -> dict[str, Any]:
-    """What a target condition sees of a store device row."""
+def _from_store(row: dict[str, Any]) -> dict[str, Any]:
+    """An engine device row from a store row (whose ``reported`` is its JSON text)."""
+    raw = (row.pop("reported", None) or "{}").encode()
+    reported = json.loads(raw)
+    row["report"] = _Report(raw, reported if isinstance(reported, dict) else {})
+    return row
+
+
+def _to_store(row: dict[str, Any]) -> dict[str, Any]:
+    """A store row: the report goes as the device sent it, unless it must be cleaned first."""
+    report: _Report = row["report"]
+    return {**row, "reported": raw_json(report.raw) or report.body()}
+
+
+def _condition_view(device: dict[str, Any], *conditions: Condition) -> dict[str, Any]:
+    """What a target condition sees of a device row (the whole report only for those that read it)."""
+    reads_report = any(f == "reported" or f.startswith("reported.") for c in conditions for f in c.fields)
     return {"device_id": device["device_id"], "profile": device.get("profile"), "groups": device.get("groups") or [],
             "tags": device.get("tags") or {}, "online": bool(device.get("online")),
-            "reported": device.get("reported") or {}}
-
-
-def _utc_offset(device: dict[str, Any]) -> int:
-    value = (device.get("reported") or {}).get("utc_offset_min")
-    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= 1080 else 0
+            "reported": device["report"].body() if reads_report else {}}
 
 
 def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return float(value)
+
+
+def _digest(payload: bytes) -> bytes:
+    return hashlib.blake2b(payload, digest_size=16).digest()
+
+
+def _parsed(kind: str, device_id: str, payload: bytes) -> dict[str, Any] | None:
+    """A device message checked as the contract says; None (and a log line) when it is refused."""
+    try:
+        return parse_message(kind, payload)
+    except ValidationError as exc:
+        log.info("ignoring %s's %s message: %s", device_id, kind, exc)
+        return None
 
 
 def _telemetry_rows(device_id: str, body: dict[str, Any]) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ from urllib.parse import quote, urlencode
 from aiohttp import web
 
 from edge_agent.errors import UsageError
-from packager.control.api import GUARD, call, filter_devices, find_deployment, select
+from packager.control.api import GUARD, call, find_deployment, page_of_devices, select
 from packager.control.tokens import SESSION_COOKIE
 
 __all__ = ["add_console_routes", "error_page", "progress_bar"]
@@ -189,7 +189,7 @@ async def devices_page(request: web.Request) -> web.Response:
     if not error:
         try:
             chosen = await select(request, query, "condition")
-            rows, total = filter_devices(await call(request, "devices"), chosen, sort, PAGE_SIZE, offset)
+            rows, total = await page_of_devices(request, chosen, sort, PAGE_SIZE, offset)
         except UsageError as exc:
             error, status = str(exc), 400
     columns = [("online", "●"), ("device_id", "Device"), ("profile", "Profile"), ("model", "Model"),

@@ -157,11 +157,11 @@ class Store:
         return self._backend.execute(conn, sql, params)
 
     def _select(self, table: Table, tail: str = "", params: Sequence[Any] = (),
-                names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+                names: Sequence[str] | None = None, as_text: Sequence[str] = ()) -> list[dict[str, Any]]:
         names = names or table.names
         with self._connection() as conn:
             rows = self._run(conn, f"SELECT {', '.join(names)} FROM {table.name} {tail}", params).fetchall()
-        return table.decode(names, rows)
+        return table.decode(names, rows, as_text)
 
     # -- schema
 
@@ -282,9 +282,10 @@ class Store:
         """Insert or replace whole device rows by ``device_id``; missing fields take their empty defaults."""
         self._upsert(_DEVICES, rows)
 
-    def devices(self) -> list[dict[str, Any]]:
-        """Every device row, by ``device_id``."""
-        return self._select(_DEVICES, "ORDER BY device_id")
+    def devices(self, reported_as_text: bool = False) -> list[dict[str, Any]]:
+        """Every device row, by ``device_id`` (``reported`` left as its JSON text when asked: a fleet's
+        reports parsed at once are several times their size)."""
+        return self._select(_DEVICES, "ORDER BY device_id", as_text=("reported",) if reported_as_text else ())
 
     def _put_document(self, table: Table, key: str, document: dict[str, Any]) -> None:
         key_column, doc_column = table.names[:2]
