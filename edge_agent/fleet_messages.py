@@ -459,11 +459,14 @@ def parse_topic(name: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, str]:
     return check_device_id(device_id), kind
 
 
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"))  # built once (json.dumps builds one a call)
+
+
 def encode_message(kind: str, body: dict[str, Any]) -> bytes:
     """JSON bytes of a message of ``kind`` (schema 2 unless ``body`` names one); checks required fields."""
     message = {"schema": SCHEMA_VERSION, **body}
     _check_fields(kind, message)
-    data = json.dumps(message, sort_keys=True, separators=(",", ":")).encode()
+    data = _ENCODER.encode(message).encode()
     if len(data) > MAX_MESSAGE_BYTES:
         raise ValidationError(f"{kind} message is {len(data)} bytes, over the {MAX_MESSAGE_BYTES} limit")
     return data

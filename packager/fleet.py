@@ -393,6 +393,10 @@ class _ReadBuffer:
         self._pos += len(chunk)
         return chunk
 
+    def buffered(self) -> int:
+        """Bytes read from the socket and not yet handed to paho."""
+        return len(self._data) - self._pos
+
     def pending(self) -> int:
         inner = getattr(self._sock, "pending", None)
         return len(self._data) - self._pos + (inner() if inner else 0)
@@ -402,6 +406,7 @@ class _ReadBuffer:
 
 
 _BUFFERED_CLIENT: Any = None
+_PACKETS_PER_READ = 500  # then paho's loop sends what is queued (acknowledgements, orders) before reading on
 
 
 def _buffered_client() -> Any:
@@ -417,6 +422,23 @@ def _buffered_client() -> Any:
         class BufferedClient(mqtt.Client):  # type: ignore[misc]
             def _create_socket(self) -> Any:
                 return _ReadBuffer(super()._create_socket())
+
+            def loop_read(self, max_packets: int = 1) -> Any:
+                # paho reads one packet per wait in select(); read on while whole packets are buffered
+                rc = super().loop_read(max_packets)
+                for _ in range(_PACKETS_PER_READ):
+                    sock = self._sock
+                    if rc != mqtt.MQTT_ERR_SUCCESS or not isinstance(sock, _ReadBuffer) or not sock.buffered():
+                        break
+                    rc = super().loop_read(max_packets)
+                return rc
+
+            def _handle_on_message(self, message: Any) -> None:
+                # paho matches every topic against per-topic callbacks first; links register none
+                on_message = self.on_message
+                if on_message is not None:
+                    with self._in_callback_mutex:
+                        on_message(self, self._userdata, message)
 
         _BUFFERED_CLIENT = BufferedClient
     return _BUFFERED_CLIENT
@@ -464,8 +486,9 @@ class _Link:
                 break
             log.info("broker %s did not take an MQTT 5 connection; trying 3.1.1", redact_url(broker_url))
             self.close()
+        self.mqtt5 = protocol == mqtt.MQTTv5
         if self._connected.is_set():
-            log.info("connected to %s (MQTT %s)", redact_url(broker_url), "5" if protocol == mqtt.MQTTv5 else "3.1.1")
+            log.info("connected to %s (MQTT %s)", redact_url(broker_url), "5" if self.mqtt5 else "3.1.1")
         else:
             self.close()
             self._raise_tls_refusal(broker_url)
@@ -497,7 +520,7 @@ class _Link:
         client.on_message = self._on_message
         client.suppress_exceptions = True  # belt and braces: our callbacks contain and log their own errors
         client.reconnect_delay_set(1, 2)
-        client.max_inflight_messages_set(1000)  # a wave of thousands of orders is not sent 20 at a time
+        client.max_inflight_messages_set(self._max_inflight(protocol == mqtt.MQTTv5))
         try:
             port = url.port or (8883 if url.scheme == "mqtts" else 1883)
             client.connect(url.hostname or "127.0.0.1", port, keepalive=30)
@@ -525,6 +548,10 @@ class _Link:
         client.subscribe([(topic("+", kind, self.prefix), self._qos(kind)) for kind in kinds])
         self._connected.set()
         self._answer.set()
+
+    def _max_inflight(self, mqtt5: bool) -> int:
+        """QoS 1 publishes paho keeps unacknowledged at once (0: no limit)."""
+        return 1000  # a wave of thousands of orders is not sent 20 at a time
 
     def _qos(self, kind: str) -> int:
         """The QoS this link subscribes to ``kind`` with."""

@@ -111,6 +111,11 @@ class _EngineLink(MQTTControllerLink):
         self.last_message = time.monotonic()
         super().__init__(*args, **kwargs)
 
+    def _max_inflight(self, mqtt5: bool) -> int:
+        # MQTT 3.1.1 has no receive maximum to keep to: a tick's orders go out at once. (paho also scans
+        # every unacknowledged message on each acknowledgement while a limit holds messages back.)
+        return 1000 if mqtt5 else 0
+
     def _qos(self, kind: str) -> int:
         return 1 if kind == "responses" else 0
 
