@@ -208,8 +208,23 @@ class Rollout:
         # devices a scan of every row costs tens of milliseconds, and the engine ticks five times a second).
         self._by_state: dict[str, dict[str, None]] = collections.defaultdict(dict)  # insertion-ordered sets
         self.tally: collections.Counter[tuple[int, str]] = collections.Counter()    # (wave, state) -> devices
+        self.loaded = True
         for device_id, row in rows.items():
             self._index(device_id, row, 1)
+
+    @classmethod
+    def ended(cls, doc: dict[str, Any], counts: dict[tuple[int, str], int]) -> Rollout:
+        """An ended rollout kept as its document and counts; its rows stay in the store."""
+        rollout = cls(doc, {})
+        rollout.tally.update(counts)
+        rollout.loaded = False
+        return rollout
+
+    def unload(self) -> None:
+        """Drop the rows of an ended rollout from memory (the store has them); the counts stay."""
+        self.rows = {}
+        self._by_state.clear()
+        self.loaded = False
 
     def _index(self, device_id: str, row: dict[str, Any], sign: int) -> None:
         if sign > 0:
@@ -277,8 +292,9 @@ class Rollout:
     def waves(self) -> int:
         return int(self.doc["waves"])
 
-    def status(self, detail: bool = False) -> dict[str, Any]:
-        """The ``fleet status --json`` document (``detail`` adds every device's state)."""
+    def status(self, detail: bool = False, rows: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The ``fleet status --json`` document (``detail`` adds every device's state, from ``rows`` when
+        the rollout's rows are not in memory)."""
         counts: dict[int, collections.Counter[str]] = collections.defaultdict(collections.Counter)
         total: collections.Counter[str] = collections.Counter()
         for (wave, state), n in self.tally.items():
@@ -303,7 +319,7 @@ class Rollout:
         }
         if detail:
             doc["devices"] = {d: {"state": r["state"], "error": r.get("error"), "wave": r["wave"]}
-                              for d, r in sorted(self.rows.items())}
+                              for d, r in sorted((self.rows if rows is None else rows).items())}
         return doc
 
 
@@ -476,8 +492,12 @@ class ControlPlane:
                                                             RolloutPolicy.from_dict(spec["policy_doc"]))
             self._rollouts = {}
             for doc in self.store.rollouts():
-                rows = {r["device_id"]: r for r in self.store.rollout_devices(doc["rollout_id"])}
-                self._rollouts[doc["rollout_id"]] = Rollout(doc["doc"], rows)
+                rollout_id = doc["rollout_id"]
+                if self._keeps_rows(doc["doc"]):
+                    rows = {r["device_id"]: r for r in self.store.rollout_devices(rollout_id)}
+                    self._rollouts[rollout_id] = Rollout(doc["doc"], rows)
+                else:
+                    self._rollouts[rollout_id] = Rollout.ended(doc["doc"], self.store.rollout_counts(rollout_id))
             self._assigned = {}
             for rollout in self._rollouts.values():
                 name = rollout.doc.get("deployment")
@@ -496,6 +516,14 @@ class ControlPlane:
                                                                     "deployments": len(self._deployments)})
             log.info("leading: %d device(s), %d deployment(s), %d open rollout(s)", len(self._devices),
                      len(self._deployments), sum(1 for r in self._rollouts.values() if r.open))
+
+    def _keeps_rows(self, doc: dict[str, Any]) -> bool:
+        """True for a rollout whose rows the engine may still act on: open, or a deployment's current one."""
+        state, name = doc.get("state"), doc.get("deployment")
+        if state in ("running", "rolling-back"):
+            return True
+        dep = self._deployments.get(name) if name else None
+        return dep is not None and dep.rollout_id == doc.get("rollout_id")
 
     def _resend_unsent(self) -> None:
         """Rows on record as ordered whose order the broker does not hold go back to pending.
@@ -545,10 +573,24 @@ class ControlPlane:
                     self._desired_raw.pop(device_id, None)
         if time.time() - self._last_prune > PRUNE_EVERY_S:
             self._last_prune = time.time()
-            removed = self.store.prune(self.retention_s)
-            if removed:
-                log.info("pruned %d telemetry row(s) and event(s) older than the retention", removed)
+            self.prune()
         return busy
+
+    def prune(self) -> tuple[int, int]:
+        """Delete what is older than the retention (the engine does it hourly): telemetry and events, and
+        ended rollouts with their device rows (not a deployment's current one). Returns (rows, rollouts)."""
+        cutoff = time.time() - self.retention_s
+        removed = self.store.prune(self.retention_s)
+        with self.lock:
+            old = [r.rollout_id for r in self._rollouts.values() if not r.open and not self._keeps_rows(r.doc)
+                   and float(r.doc.get("finished") or r.doc.get("updated") or r.doc["created"]) < cutoff]
+            for rollout_id in old:
+                del self._rollouts[rollout_id]
+        rollouts = self.store.delete_rollouts(old) if old else 0
+        if removed or rollouts:
+            log.info("pruned %d telemetry row(s) and event(s) and %d ended rollout(s) older than the retention",
+                     removed, rollouts)
+        return removed, rollouts
 
     def _drain(self) -> None:
         """Parse what the link queued: each device's newest retained messages, every stream message."""
@@ -640,6 +682,8 @@ class ControlPlane:
                 rollout.doc["updated"] = time.time()
                 self.store.put_rollout(rollout.rollout_id, rollout.doc)
                 rollout.doc_dirty = False
+            if rollout.loaded and not self._keeps_rows(rollout.doc):
+                rollout.unload()  # written: at 100,000 devices each ended rollout would hold ~50 MB
         if bulk and self._telemetry:
             self.store.add_telemetry(self._telemetry)
             self._telemetry = []
@@ -1207,7 +1251,10 @@ class ControlPlane:
         self._require_lead()
         with self.lock:
             rollout = self._rollout(rollout_id)
-            return rollout.status(detail)
+            rows = None
+            if detail and not rollout.loaded:
+                rows = {r["device_id"]: r for r in self.store.rollout_devices(rollout_id)}
+            return rollout.status(detail, rows)
 
     def abort(self, rollout_id: str) -> dict[str, Any]:
         """Halt a rollout and send every updated device its previous bundle."""

@@ -330,6 +330,22 @@ class Store:
         """A rollout's device rows (with ``rollout_id``), by wave then device."""
         return self._select(_ROLLOUT_DEVICES, "WHERE rollout_id = ? ORDER BY wave, device_id", (rollout_id,))
 
+    def rollout_counts(self, rollout_id: str) -> dict[tuple[int, str], int]:
+        """How many of a rollout's devices are in each (wave, state), without reading the rows."""
+        with self._connection() as conn:
+            rows = self._run(conn, "SELECT wave, state, COUNT(*) FROM rollout_devices WHERE rollout_id = ? "
+                                   "GROUP BY wave, state", (rollout_id,)).fetchall()
+        return {(int(wave), str(state)): int(n) for wave, state, n in rows}
+
+    def delete_rollouts(self, rollout_ids: Sequence[str]) -> int:
+        """Remove rollouts and their device rows; how many rollouts went."""
+        removed = 0
+        with self._write() as conn:
+            for rollout_id in rollout_ids:
+                self._run(conn, "DELETE FROM rollout_devices WHERE rollout_id = ?", (rollout_id,))
+                removed += int(self._run(conn, "DELETE FROM rollouts WHERE rollout_id = ?", (rollout_id,)).rowcount)
+        return removed
+
     def next_sequences(self, floors: dict[str, int]) -> dict[str, int]:
         """For each device, ``max(stored, floor) + 1``, stored before it is returned; atomic across controllers."""
         if not floors:

@@ -114,6 +114,37 @@ def test_a_rollout_accounts_for_every_device(plane_factory, mqtt_broker) -> None
         assert [w["size"] for w in status["waves"]] == [1, 100, 100, 100, 99]
 
 
+def test_an_ended_rollout_leaves_memory_and_the_store_after_the_retention(plane_factory, mqtt_broker) -> None:
+    """At 100,000 devices every rollout kept in memory would hold ~50 MB of rows: ended ones keep only counts."""
+    with simulator(mqtt_broker, 30) as sim:
+        plane = plane_factory(retention_s=3.0)
+        wait_devices(plane, 30)
+        rollout_id = plane.start_rollout({**target(1), "selector": "all", "policy": {"canary": "1", "wave": "50%"}})
+        wait(lambda: plane.rollout_status(rollout_id)["state"] == "succeeded", what="the rollout ends")
+        plane.deploy({"name": "digits-all", **target(2), "target": "*", "policy": {"wave": "100%"}})
+        wait(lambda: sim.active_count(SHA[2]) == 30, what="the deployment converges")
+        ended = plane._rollouts[rollout_id]
+        wait(lambda: not ended.loaded, 10, "the ended rollout's rows leave memory")
+        assert ended.rows == {} and plane.rollout_status(rollout_id)["succeeded"] == 30  # counts stay
+        detail = plane.rollout_status(rollout_id, detail=True)["devices"]  # read back from the store
+        assert sorted(detail) == sorted(sim.device_ids) and {d["state"] for d in detail.values()} == {"succeeded"}
+        deployment = next(d for d in plane.deployments() if d["name"] == "digits-all")["rollout_id"]
+        assert plane._rollouts[deployment].loaded  # a deployment's current rollout takes joiners: it stays
+
+        plane.stop()
+        plane.store.close()
+        again = plane_factory(retention_s=3.0)  # a new leader reads the ended one as counts, not rows
+        assert not again._rollouts[rollout_id].loaded and again.rollout_status(rollout_id)["succeeded"] == 30
+        assert again._rollouts[deployment].loaded
+        time.sleep(3.5)
+        assert again.prune()[1] == 1  # the ended rollout; the deployment's stays however old
+        assert rollout_id not in {r["rollout_id"] for r in again.rollouts()}
+        assert again.store.rollout(rollout_id) is None and again.store.rollout_devices(rollout_id) == []
+        with pytest.raises(NotFoundError):
+            again.rollout_status(rollout_id)
+        assert again.store.rollout(deployment) is not None
+
+
 def test_failures_over_the_threshold_halt_and_roll_back(plane_factory, mqtt_broker) -> None:
     bad = {"2": VersionBehaviour(fail_share=1.0)}
     with simulator(mqtt_broker, 20, behaviour=bad) as sim:
