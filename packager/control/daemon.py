@@ -19,10 +19,11 @@ import signal
 import socket
 from pathlib import Path
 
+from edge_agent.broker_tls import redact_url
 from edge_agent.errors import UsageError
 from edge_agent.fleet_messages import DEFAULT_PREFIX
 from packager.control.engine import CONTROLLER_MQTT, ControlPlane
-from packager.control.store import Store, redact_url
+from packager.control.store import Store
 
 __all__ = ["DEFAULT_RETENTION_S", "run_controller"]
 

@@ -51,7 +51,7 @@ __all__ = [
     "dump_json",
     "one_line",
     "raw_json",
-    "redact_url",
+    "redact_store_url",
     "to_text",
 ]
 
@@ -565,7 +565,7 @@ class PostgresBackend:
 _URL_FORMS = "use sqlite:///PATH, a file path, or postgresql://USER@HOST:PORT/DB"
 
 
-def redact_url(url: str) -> str:
+def redact_store_url(url: str) -> str:
     """``url`` without a password in its user part or its query (``?password=``), for logs."""
     parts = urlsplit(url)
     userinfo, at, hostport = parts.netloc.rpartition("@")
@@ -580,14 +580,16 @@ def backend_for(url: str) -> Backend:
         raise UsageError(f"--store: empty; {_URL_FORMS}")
     if "://" not in url:
         if url.lower().startswith(("sqlite:", "postgresql:", "postgres:")):
-            raise UsageError(f"--store: {brief(redact_url(url), 200)} lacks the // after the scheme; {_URL_FORMS}")
+            shown = brief(redact_store_url(url), 200)
+            raise UsageError(f"--store: {shown} lacks the // after the scheme; {_URL_FORMS}")
         return SqliteBackend(Path(url).expanduser().absolute())
     scheme = url.partition("://")[0].lower()
     if scheme == "sqlite":
         return _sqlite_backend(url)
     if scheme in ("postgresql", "postgres"):
         return _postgres_backend(url)
-    raise UsageError(f"--store: unknown scheme {brief(scheme, 40)!r} in {brief(redact_url(url), 200)}; {_URL_FORMS}")
+    shown = brief(redact_store_url(url), 200)
+    raise UsageError(f"--store: unknown scheme {brief(scheme, 40)!r} in {shown}; {_URL_FORMS}")
 
 
 def _sqlite_backend(url: str) -> SqliteBackend:
@@ -599,7 +601,7 @@ def _sqlite_backend(url: str) -> SqliteBackend:
 
 
 def _postgres_backend(url: str) -> PostgresBackend:
-    shown = brief(redact_url(url), 200)
+    shown = brief(redact_store_url(url), 200)
     try:
         import psycopg
         from psycopg.conninfo import conninfo_to_dict
@@ -611,7 +613,7 @@ def _postgres_backend(url: str) -> PostgresBackend:
         params = conninfo_to_dict(url)
     except (ValueError, psycopg.ProgrammingError) as exc:
         raise UsageError(f"--store: {shown} is not a PostgreSQL URL ({one_line(exc)})") from None
-    return PostgresBackend(params, redact_url(url))
+    return PostgresBackend(params, redact_store_url(url))
 
 
 # -- connections -----------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge_agent.broker_tls import redact_url
 from edge_agent.errors import AlreadyExistsError, NotFoundError, UnavailableError, UsageError, ValidationError, brief
 from edge_agent.fleet_messages import (
     DEFAULT_PREFIX,
@@ -69,7 +70,7 @@ from packager.control.policy import (
     stats_from_telemetry,
     too_many_failures,
 )
-from packager.control.store import Store, redact_url
+from packager.control.store import Store
 from packager.fleet import DeviceSelector, MQTTControllerLink, compose_desired, device_row, own_order
 
 __all__ = ["ControlPlane", "Rollout"]

@@ -48,10 +48,10 @@ from contextlib import contextmanager
 from typing import Any
 
 from edge_agent.errors import EdgeDeployError, UnavailableError, UsageError
-from packager.control.databases import Backend, Pool, Table, backend_for, dump_json, one_line, redact_url, to_text
+from packager.control.databases import Backend, Pool, Table, backend_for, dump_json, one_line, redact_store_url, to_text
 from packager.control.migrations import BOOKKEEPING, migrations, render
 
-__all__ = ["Store", "StoreUnavailableError", "redact_url"]
+__all__ = ["Store", "StoreUnavailableError", "redact_store_url"]
 
 logger = logging.getLogger(__name__)
 
