@@ -107,8 +107,31 @@ def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> None:
         raise DeploymentError(f"{what} failed ({result.returncode}): {result.stderr.strip()[-800:]}")
 
 
+# What debootstrap leaves that an image does not need: the downloaded .debs, apt's package lists
+# (``apt-get update`` fetches them again), manual pages and message translations; the docs go but
+# each package's copyright file stays. About 145 of the rootfs's 275 MB.
+_ROOTFS_LEFTOVERS = ("var/cache/apt/archives/*.deb", "var/lib/apt/lists/*_*", "usr/share/man/*",
+                     "usr/share/info/*", "usr/share/locale/*/")
+
+
+def _slim_rootfs(rootfs: Path) -> None:
+    """Remove :data:`_ROOTFS_LEFTOVERS` and the docs but the copyright files from a debootstrapped ``rootfs``."""
+    for pattern in _ROOTFS_LEFTOVERS:
+        for path in rootfs.glob(pattern):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    for path in sorted((rootfs / "usr/share/doc").rglob("*"), reverse=True):  # children before parents
+        if path.is_dir() and not path.is_symlink():
+            if not any(path.iterdir()):
+                path.rmdir()
+        elif path.name != "copyright":
+            path.unlink()
+
+
 def _base_rootfs_tar(force: bool) -> Path:
-    """A tar of a debootstrapped bookworm rootfs (cached; about a minute and 300 MB cold)."""
+    """A tar of a debootstrapped bookworm rootfs, slimmed (cached; under a minute and 130 MB cold)."""
     tar = cache_dir() / "base-bookworm.tar"
     if tar.exists() and not force:
         return tar
@@ -118,6 +141,7 @@ def _base_rootfs_tar(force: bool) -> Path:
         rootfs = Path(tmp) / "rootfs"
         _run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv", "bookworm",
               str(rootfs)], "debootstrap")
+        _slim_rootfs(rootfs)
         partial = tar.with_suffix(".partial")
         _run(["tar", "-C", str(rootfs), "-cf", str(partial), "."], "tar of the base rootfs")
         partial.replace(tar)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -193,3 +195,25 @@ def test_tampered_bundle_refused_at_container_start(docker_host: str, digits_mlp
         assert not (edgedeploy_home / "services" / "digits-bad").exists()
     finally:
         target.close()
+
+
+def test_a_private_engine_takes_the_next_storage_driver_when_dockerd_refuses_one(tmp_path: Path) -> None:
+    from packager.targets.dockerd import start_private_dockerd
+
+    if shutil.which("dockerd") is None or os.geteuid() != 0:
+        pytest.skip("a private dockerd needs dockerd and root")
+    engine = start_private_dockerd(tmp_path / "dockerd", storage_drivers=("no-such-driver", "vfs"))
+    try:
+        assert engine.storage_driver == "vfs"
+        client = _engine_client(engine.base_url)
+        try:
+            assert client.info()["Driver"] == "vfs"
+        finally:
+            client.close()
+    finally:
+        engine.stop()
+    with pytest.raises(DeploymentError, match="no-such-driver: dockerd exited"):
+        start_private_dockerd(tmp_path / "again", storage_drivers=("no-such-driver",))
+    # dockerd bind-mounts its data root on itself: neither the refused start nor the stop leaves it mounted
+    mounts = Path("/proc/self/mountinfo").read_text()
+    assert str(tmp_path) not in mounts
