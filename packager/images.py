@@ -6,8 +6,8 @@ made locally with ``debootstrap`` and ``docker import`` (no registry is needed).
 from least to most specific (base, venv, wheels, bundle, labels) so a rebuild from the same bundle
 and base reuses every cached layer. The controller's image (:func:`write_controller_context`) shares
 the install layers (the base install plus the ``controller`` extra) and runs ``edgedeploy controller``
-on port 8090, its SQLite store and order key in the ``/var/lib/edgedeploy`` volume and its bearer
-tokens from a mounted secret (it refuses to listen on the network without them).
+on port 8090 as user 10001, its SQLite store and order key in the ``/var/lib/edgedeploy`` volume and its
+bearer tokens from a mounted secret (it refuses to listen on the network without them).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ __all__ = [
     "BUNDLE_PATH",
     "CONTROLLER_HOME",
     "CONTROLLER_TOKENS",
+    "CONTROLLER_UID",
     "ImageBuild",
     "RUNTIME_REQUIREMENTS",
     "build_controller_image",
@@ -58,6 +59,9 @@ RUNTIME_REQUIREMENTS = [
 CONTROLLER_HOME = "/var/lib/edgedeploy"  # EDGEDEPLOY_HOME in the image: the order key and the SQLite store
 CONTROLLER_TOKENS = "/run/secrets/edgedeploy-tokens"  # where `docker run --mount` or a Kubernetes secret puts them
 CONTROLLER_PORT = 8090
+#: The controller's user and group in its image: fixed and numeric, so a mounted token file can be given to
+#: it (``chown 10001``) and Kubernetes' ``runAsNonRoot`` can check it.
+CONTROLLER_UID = 10001
 
 
 def controller_requirements() -> list[str]:
@@ -210,8 +214,9 @@ LABEL edgedeploy.bundle.sha256="{sha}" edgedeploy.service="{name}" edgedeploy.ba
 # The health check reads /openapi.json, which needs no token; the API itself does.
 _CONTROLLER_DOCKERFILE = _INSTALL + """\
 ENV EDGEDEPLOY_HOME={home}
-RUN useradd --system --home-dir {home} --create-home edgedeploy
-USER edgedeploy
+RUN groupadd --system --gid {uid} edgedeploy \\
+    && useradd --system --uid {uid} --gid {uid} --home-dir {home} --create-home edgedeploy
+USER {uid}:{uid}
 VOLUME {home}
 EXPOSE {port}
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s \\
@@ -277,7 +282,8 @@ def write_controller_context(context: Path, base: str = BASE_IMAGE) -> Path:
     """Fill ``context`` with the controller image's Dockerfile, wheelhouse and project wheel; returns it."""
     requirements = _fill_install_layers(context, controller_requirements())
     (context / "Dockerfile").write_text(_CONTROLLER_DOCKERFILE.format(
-        base=base, requirements=requirements, home=CONTROLLER_HOME, port=CONTROLLER_PORT, tokens=CONTROLLER_TOKENS))
+        base=base, requirements=requirements, home=CONTROLLER_HOME, port=CONTROLLER_PORT, tokens=CONTROLLER_TOKENS,
+        uid=CONTROLLER_UID))
     return context
 
 

@@ -66,7 +66,7 @@ def test_the_image_context_installs_offline_and_its_entrypoint_serves(tmp_path: 
     dockerfile = (context / "Dockerfile").read_text()
     entrypoint = _dockerfile_list(dockerfile, "ENTRYPOINT")
     assert entrypoint[:2] == ["edgedeploy", "controller"] and "--token-file" in entrypoint
-    assert "USER edgedeploy" in dockerfile and "EXPOSE 8090" in dockerfile and "HEALTHCHECK" in dockerfile
+    assert "USER 10001:10001" in dockerfile and "EXPOSE 8090" in dockerfile and "HEALTHCHECK" in dockerfile
     assert any(w.name.startswith("psycopg_binary") for w in (context / "wheelhouse").iterdir())  # PostgreSQL too
 
     venv = tmp_path / "image-venv"  # what the Dockerfile's RUN lines do, without an engine
