@@ -109,7 +109,7 @@ class _EngineLink(MQTTControllerLink):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.inbox: collections.deque[tuple[str, str, bytes, float]] = collections.deque()
-        self.last_message = time.monotonic()
+        self.last_retained = time.monotonic()
         super().__init__(*args, **kwargs)
 
     def _max_inflight(self, mqtt5: bool) -> int:
@@ -129,17 +129,19 @@ class _EngineLink(MQTTControllerLink):
         except Exception:  # whatever a device sends, the network loop lives on
             log.exception("dropped a message on %s", brief(str(message.topic), 200))
             return
-        self.last_message = time.monotonic()
+        if message.retain:  # the broker's retained copy (what a subscription gets first), not a live message
+            self.last_retained = time.monotonic()
         if kind == "responses":
             super()._on_message(client, userdata, message)
         else:
             self.inbox.append((kind, device_id, message.payload, time.time()))
 
     def settle(self, quiet: float = 0.3, limit: float = 3.0) -> None:
-        """Wait until messages stopped arriving (``quiet`` seconds without one), at most ``limit``."""
-        self.last_message = time.monotonic()
-        deadline = self.last_message + limit
-        while (now := time.monotonic()) < deadline and now - self.last_message < quiet:
+        """Wait until the retained messages stopped arriving (``quiet`` seconds without one), at most
+        ``limit``; live telemetry and events do not count."""
+        self.last_retained = time.monotonic()
+        deadline = self.last_retained + limit
+        while (now := time.monotonic()) < deadline and now - self.last_retained < quiet:
             time.sleep(min(0.05, quiet))
 
 
