@@ -398,8 +398,8 @@ class _ReadBuffer:
         return len(self._data) - self._pos
 
     def pending(self) -> int:
-        inner = getattr(self._sock, "pending", None)
-        return len(self._data) - self._pos + (inner() if inner else 0)
+        inner = getattr(self._sock, "pending", None)  # an SSL socket's decrypted bytes
+        return self.buffered() + (inner() if inner else 0)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)

@@ -213,7 +213,7 @@ def filter_devices(rows: Sequence[dict[str, Any]], chosen: set[str] | None = Non
 
 
 async def page_of_devices(request: web.Request, chosen: set[str] | None, sort: str | None, limit: int | None,
-                      offset: int) -> tuple[list[dict[str, Any]], int]:
+                          offset: int) -> tuple[list[dict[str, Any]], int]:
     """:func:`filter_devices` over the plane's devices; in id order (the default) only the page's rows are
     built, so a page of a fleet of 100,000 costs what the page does."""
     column = (sort or "device_id").strip()
