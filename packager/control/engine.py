@@ -248,6 +248,13 @@ class Rollout:
         return sum(n for (w, st), n in self.tally.items() if st == state and
                    (wave is None or w == wave) and (upto is None or 0 <= w <= upto))
 
+    def totals(self) -> collections.Counter[str]:
+        """Rows per state, over every wave."""
+        total: collections.Counter[str] = collections.Counter()
+        for (_wave, state), n in self.tally.items():
+            total[state] += n
+        return total
+
     def put(self, device_id: str, row: dict[str, Any]) -> None:
         """Add or replace a device's row."""
         old = self.rows.get(device_id)
@@ -299,10 +306,9 @@ class Rollout:
         """The ``fleet status --json`` document (``detail`` adds every device's state, from ``rows`` when
         the rollout's rows are not in memory)."""
         counts: dict[int, collections.Counter[str]] = collections.defaultdict(collections.Counter)
-        total: collections.Counter[str] = collections.Counter()
         for (wave, state), n in self.tally.items():
             counts[wave][state] += n
-            total[state] += n
+        total = self.totals()
         waves = []
         for index in range(self.waves()):
             c = counts.get(index, collections.Counter())
@@ -366,7 +372,8 @@ class _Report:
 
     def body(self) -> dict[str, Any]:
         """The whole report (checked when it arrived)."""
-        return dict(json.loads(self.raw))
+        body: dict[str, Any] = json.loads(self.raw)
+        return body
 
 
 _NO_REPORT = _Report(b"{}", {})
@@ -820,9 +827,7 @@ class ControlPlane:
                      "reports again", rollout.rollout_id, len(quiet), RESYNC_S)
             doc["resynced"] = now
             self.link.resync(quiet)
-        counts: collections.Counter[str] = collections.Counter()
-        for (_wave, state), n in rollout.tally.items():
-            counts[state] += n
+        counts = rollout.totals()
         targeted = sum(n for (wave_of, state), n in rollout.tally.items() if wave_of >= 0 and state != "moved")
         if too_many_failures(counts["failed"], counts["succeeded"], policy.max_failures, policy.min_sample,
                              targeted):
